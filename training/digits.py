@@ -1,0 +1,36 @@
+"""scikit-learn's 8x8 digits with the original notebook's fixed split."""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+
+# The original split, by position and without shuffling: the last 447 digits are the test set.
+SPLITS = {"train": slice(0, 1000), "val": slice(1000, 1350), "test": slice(1350, 1797)}
+PIXEL_MAX = 16.0  # load_digits() gives ink intensities 0..16
+
+
+@dataclass
+class Split:
+    x: torch.Tensor  # N x 1 x 8 x 8 float32, raw 0..16 (models normalise inside their graph)
+    y: torch.Tensor  # N int64
+
+    def __len__(self):
+        return len(self.y)
+
+
+def split_arrays(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """One split as numpy arrays: images N x 8 x 8 float32 on 0..16, labels N int64."""
+    digits = load_digits()
+    part = SPLITS[name]
+    return digits.images[part].astype(np.float32), digits.target[part].astype(np.int64)
+
+
+def load_split(name: str, device: torch.device | str = "cpu") -> Split:
+    """One split as tensors resident on `device` (the whole set is a few hundred KB)."""
+    images, labels = split_arrays(name)
+    return Split(torch.from_numpy(images).unsqueeze(1).to(device), torch.from_numpy(labels).to(device))
+
+# What an exported digits model takes: exactly what the service sends it.
+INPUT_SPEC = {"name": "pixels", "shape": [None, 1, 8, 8], "dtype": "float32", "range": [0, PIXEL_MAX],
+              "layout": "NCHW", "color": "grayscale", "polarity": "ink bright (16) on a dark (0) background"}

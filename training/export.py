@@ -1,0 +1,182 @@
+"""Export a trained run to TorchScript and ONNX with a validated manifest (exports/NAME/model.json).
+
+The exported graph takes pixels as the service receives them and returns log-probabilities N x 10.
+Every export runs the test split through both artifacts, checks them against the PyTorch model, and
+records the metrics measured on the ONNX artifact: the served model is the measured model.
+"""
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+
+from training.recipes import ARCHS
+from training.runs import atomic_folder, plot_curves, write_json
+
+# TorchScript is deprecated upstream but is the artifact the TorchScript backend asks for; say it once, not per call.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "exports" / "manifest.schema.json"
+PARITY_TOLERANCE = 1e-4  # max |log-prob| difference between an artifact and the PyTorch model
+ONNX_OPSET = 18
+LABELS = [str(digit) for digit in range(10)]
+
+
+class ExportError(Exception):
+    """The run cannot be exported, or the artifacts disagree with the model: nothing was written."""
+
+
+def load_schema() -> dict:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def validate_manifest(manifest: dict, schema: dict) -> None:
+    """Raise ExportError naming every violation as `path: message`."""
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(manifest), key=lambda e: list(e.path))
+    if errors:
+        raise ExportError("manifest invalid: " + "; ".join(
+            f"{'/'.join(map(str, e.path)) or '(root)'}: {e.message}" for e in errors))
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def log_softmax_nll(log_probs: np.ndarray, labels: np.ndarray) -> dict:
+    predictions = log_probs.argmax(1)
+    errors = int((predictions != labels).sum())
+    return {"nll": float(-log_probs[np.arange(len(labels)), labels].mean()), "error": errors / len(labels),
+            "errors": errors, "n": int(len(labels))}
+
+
+def save_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    traced = torch.jit.trace(model, example)
+    torch.jit.save(traced, str(path))
+
+
+def save_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str) -> None:
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    torch.onnx.export(model, (example,), str(path), input_names=[input_name], output_names=["log_probs"],
+                      dynamic_shapes=({0: batch},), opset_version=ONNX_OPSET, dynamo=True, external_data=False,
+                      verbose=False)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def run_onnx(path: Path, x: np.ndarray, input_name: str, batch_size: int = 512) -> np.ndarray:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, {input_name: x[i:i + batch_size]})[0]
+                           for i in range(0, len(x), batch_size)])
+
+
+@torch.no_grad()
+def run_torch(model, x: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).float().numpy()
+
+
+def export_model(model: torch.nn.Module, run: dict, run_dir: Path, input_spec: dict,
+                 test_x: torch.Tensor, test_y: torch.Tensor, name: str, exports_dir: Path) -> Path:
+    """Write exports_dir/name atomically; raise ExportError (writing nothing) if parity fails."""
+    schema = load_schema()
+    if not re.fullmatch(schema["properties"]["name"]["pattern"], name):
+        raise ExportError(f"export name {name!r} must match {schema['properties']['name']['pattern']}")
+    model = model.cpu().eval()
+    test_x, labels = test_x.cpu(), test_y.cpu().numpy()
+    input_name = input_spec["name"]
+    reference = run_torch(model, test_x)
+    with atomic_folder(exports_dir / name) as staging:
+        onnx_path, ts_path = staging / "model.onnx", staging / "model.ts"
+        save_onnx(model, test_x[:2], onnx_path, input_name)
+        save_torchscript(model, test_x[:2], ts_path)
+        onnx_out = run_onnx(onnx_path, test_x.numpy(), input_name)
+        ts_out = run_torch(torch.jit.load(str(ts_path)), test_x)
+        parity = {"onnx_max_abs": float(np.abs(onnx_out - reference).max()),
+                  "torchscript_max_abs": float(np.abs(ts_out - reference).max()), "tolerance": PARITY_TOLERANCE}
+        for artifact, out in (("onnx", onnx_out), ("torchscript", ts_out)):
+            if parity[f"{artifact}_max_abs"] > PARITY_TOLERANCE or not np.array_equal(out.argmax(1), reference.argmax(1)):
+                raise ExportError(f"{artifact} artifact disagrees with the PyTorch model: max |diff| "
+                                  f"{parity[f'{artifact}_max_abs']:.2e} (tolerance {PARITY_TOLERANCE:.0e})")
+        test = {**log_softmax_nll(onnx_out, labels), "measured_on": "onnx"}
+        plot_curves(staging / "curves", run["val_nll"], run["val_error"], test["nll"], test["error"],
+                    f"{name}: best epoch {run['best_epoch']}, test error {test['errors']}/{test['n']}")
+        (staging / "curves.pdf").unlink()  # the service shows the PNG; the PDF stays in the run folder
+        onnx_sha = sha256(onnx_path)
+        now = datetime.now(timezone.utc)
+        manifest = {
+            "schema_version": 1, "name": name, "version": f"{now:%Y%m%dT%H%M%SZ}-{onnx_sha[:8]}",
+            "task": run["task"], "arch": run["arch"], "summary": run.get("summary", ""),
+            "created_at": now.isoformat(timespec="seconds"),
+            "input": input_spec, "output": {"name": "log_probs", "shape": [None, 10], "kind": "log_probabilities"},
+            "labels": LABELS,
+            "artifacts": {
+                "onnx": {"file": onnx_path.name, "sha256": onnx_sha, "bytes": onnx_path.stat().st_size, "opset": ONNX_OPSET},
+                "torchscript": {"file": ts_path.name, "sha256": sha256(ts_path), "bytes": ts_path.stat().st_size},
+            },
+            "curves": "curves.png",
+            "metrics": {"best_epoch": run["best_epoch"], "epochs_run": run["epochs_run"], "val_nll": run["val_nll"],
+                        "val_error": run["val_error"], "test": test, "parity": parity},
+            "training": {"seed": run["seed"], "config": run["config"], "environment": run["environment"],
+                         "wall_seconds": run["wall_seconds"], "run": run_dir.name},
+        }
+        validate_manifest(manifest, schema)
+        write_json(staging / "model.json", manifest)
+    publish_schema(exports_dir)
+    return exports_dir / name
+
+
+def load_run(run_dir: Path) -> tuple[dict, torch.nn.Module]:
+    """A run folder's metrics and its best checkpoint, loaded without unpickling anything."""
+    try:
+        run = json.loads((run_dir / "metrics.json").read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{run_dir} is not a run folder: it has no metrics.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExportError(f"{run_dir / 'metrics.json'} is corrupt: {err}") from None
+    spec = ARCHS.get(run.get("task"), {}).get(run.get("arch")) if isinstance(run, dict) else None
+    if spec is None:
+        raise ExportError(f"{run_dir / 'metrics.json'} names no known task/arch")
+    model = spec.build()
+    try:
+        state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ExportError(f"{run_dir} has no checkpoint model.pt") from None
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise ExportError(f"{run_dir / 'model.pt'} is not a loadable state dict: {str(err).splitlines()[0]}") from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise ExportError(f"{run_dir / 'model.pt'} does not fit arch {run['arch']!r}: "
+                          f"{str(err).splitlines()[0]}") from None
+    return run, model
+
+
+def publish(export_folder: Path, exports_dir: Path) -> Path:
+    """Copy a finished export into a serving exports folder, replacing any export of that name atomically."""
+    with atomic_folder(exports_dir / export_folder.name) as staging:
+        shutil.copytree(export_folder, staging, dirs_exist_ok=True)
+    publish_schema(exports_dir)
+    return exports_dir / export_folder.name
+
+
+def publish_schema(exports_dir: Path) -> None:
+    """Every exports folder carries the schema its manifests follow (atomic replace)."""
+    target = exports_dir / SCHEMA_PATH.name
+    if target.resolve() == SCHEMA_PATH or (target.exists() and target.read_bytes() == SCHEMA_PATH.read_bytes()):
+        return
+    with tempfile.NamedTemporaryFile(dir=exports_dir, delete=False, suffix=".tmp") as tmp:
+        tmp.write(SCHEMA_PATH.read_bytes())
+    os.replace(tmp.name, target)

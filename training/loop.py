@@ -1,0 +1,157 @@
+"""The one train/evaluate loop, shared by the digits and SVHN pipelines.
+
+Data lives on the training device as whole tensors; an epoch is a seeded permutation cut into
+batches. Early stopping watches validation NLL and restores the best epoch's weights.
+"""
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from training import augment
+
+
+@dataclass
+class Metrics:
+    nll: float
+    error: float
+    errors: int
+    n: int
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> Metrics:
+    """Mean NLL and classification error of a log-probability model on (x, y)."""
+    model.eval()
+    nll_sum, errors = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        log_probs = model(x[start:start + batch_size]).float()
+        target = y[start:start + batch_size]
+        nll_sum += F.nll_loss(log_probs, target, reduction="sum").item()
+        errors += (log_probs.argmax(1) != target).sum().item()
+    return Metrics(nll=nll_sum / len(y), error=errors / len(y), errors=errors, n=len(y))
+
+
+class EarlyStopping:
+    """Tracks the lowest validation NLL; says stop after `patience` epochs without improvement."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.best_nll = math.inf
+        self.best_epoch = -1
+        self.best_state: dict | None = None
+        self.epochs_without_improvement = 0
+
+    def update(self, epoch: int, val_nll: float, model: torch.nn.Module) -> bool:
+        """Record one epoch's validation NLL; True when training should stop."""
+        if val_nll < self.best_nll:
+            self.best_nll, self.best_epoch = val_nll, epoch
+            self.best_state = copy.deepcopy(model.state_dict())
+            self.epochs_without_improvement = 0
+        else:
+            self.epochs_without_improvement += 1
+        return self.epochs_without_improvement >= self.patience
+
+    @property
+    def patience_left(self) -> int:
+        return self.patience - self.epochs_without_improvement
+
+    def restore_best(self, model: torch.nn.Module) -> None:
+        model.load_state_dict(self.best_state)
+
+
+@dataclass
+class Recipe:
+    """How to optimise a model: plain values, recorded in metrics.json and the manifest."""
+    optimizer: str = "adamax"          # adamax | adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    batch_size: int = 64
+    label_smoothing: float = 0.0
+    lr_decay_patience: int = 0         # >0: divide lr by 10 after this many epochs without val improvement
+    # Augmentation, all off by default (the seed models train on the raw pixels).
+    rotate_degrees: float = 0.0        # with zoom: a random affine warp
+    zoom: float = 0.0
+    shift: float = 0.0                 # pixels
+    pad_mode: str = "constant"         # for integer translation without rotate/zoom
+    cutout: int = 0                    # side of a random square set to zero
+
+    def augments(self) -> bool:
+        return bool(self.rotate_degrees or self.zoom or self.shift or self.cutout)
+
+
+def augment_batch(x: torch.Tensor, recipe: Recipe) -> torch.Tensor:
+    if recipe.rotate_degrees or recipe.zoom:
+        x = augment.random_affine(x, recipe.rotate_degrees, recipe.zoom, recipe.shift)
+    elif recipe.shift:
+        x = augment.random_translate(x, int(recipe.shift), recipe.pad_mode)
+    if recipe.cutout:
+        x = augment.cutout(x, recipe.cutout)
+    return x
+
+
+@dataclass
+class History:
+    val_nll: list[float] = field(default_factory=list)
+    val_error: list[float] = field(default_factory=list)
+    best_epoch: int = -1
+    epochs_run: int = 0
+    train_seconds: float = 0.0
+
+
+def make_optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
+    if recipe.optimizer == "adamax":
+        return torch.optim.Adamax(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=recipe.lr, weight_decay=recipe.weight_decay, momentum=0.9, nesterov=True)
+    raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
+
+
+def fit(model: torch.nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
+        val_x: torch.Tensor, val_y: torch.Tensor, recipe: Recipe, *,
+        max_epochs: int, patience: int, progress: bool = True, desc: str = "train") -> History:
+    """Train until validation NLL stops improving, then restore the best epoch's weights."""
+    optimizer = make_optimizer(recipe, model.parameters())
+    scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=recipe.lr_decay_patience)
+                 if recipe.lr_decay_patience > 0 else None)
+    stopper = EarlyStopping(patience)
+    history = History()
+    started = time.perf_counter()
+    bar = tqdm(range(max_epochs), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(len(train_y), device=train_y.device)
+        for start in range(0, len(order), recipe.batch_size):
+            batch = order[start:start + recipe.batch_size]
+            x, y = train_x[batch], train_y[batch]
+            if recipe.augments():
+                x = augment_batch(x, recipe)
+            loss = smoothed_nll(model(x), y, recipe.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        val = evaluate(model, val_x, val_y)
+        history.val_nll.append(val.nll)
+        history.val_error.append(val.error)
+        if scheduler is not None:
+            scheduler.step(val.nll)
+        stop = stopper.update(epoch, val.nll, model)
+        bar.set_postfix(val_nll=f"{val.nll:.4f}", val_err=f"{val.error:.4f}", patience=stopper.patience_left)
+        if stop:
+            break
+    bar.close()
+    stopper.restore_best(model)
+    history.best_epoch = stopper.best_epoch
+    history.epochs_run = len(history.val_nll)
+    history.train_seconds = time.perf_counter() - started
+    return history
+
+
+def smoothed_nll(log_probs: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """NLL against targets mixed with the uniform distribution (label smoothing on log-probs)."""
+    return (1 - smoothing) * F.nll_loss(log_probs, target) - smoothing * log_probs.mean(1).mean()

@@ -1,0 +1,87 @@
+"""Run folders: written atomically, holding the checkpoint, metrics.json and the curves."""
+import contextlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: training runs on servers
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+class UsageError(Exception):
+    """Bad input from the command line: reported as one line, exit status 2."""
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any training if `folder` cannot hold a new run."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UsageError(f"output folder {folder} is not writable: {err.strerror or err}") from None
+
+
+@contextlib.contextmanager
+def atomic_folder(final: Path):
+    """Yield a temporary sibling of `final`; rename it into place only if the block succeeds.
+
+    A crash leaves no half-written folder under `final`'s name; an existing `final` is replaced.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield staging
+        if final.exists():
+            retired = staging.with_suffix(".old")
+            final.rename(retired)
+            staging.rename(final)
+            shutil.rmtree(retired)
+        else:
+            staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def utc_stamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def environment(device: str) -> dict:
+    import numpy
+    import torch
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+            "platform": platform.platform(), "device": device,
+            "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
+            "cpu_count": os.cpu_count()}
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def plot_curves(stem: Path, val_nll: list[float], val_error: list[float], test_nll: float, test_error: float,
+                title: str) -> None:
+    """Validation NLL and error per epoch, the test value dashed, as the original notebook drew them."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, curve, test, label, colour in ((axes[0], val_nll, test_nll, "NLL", "tab:blue"),
+                                          (axes[1], val_error, test_error, "error", "tab:red")):
+        epochs = range(len(curve))
+        ax.plot(epochs, curve, color=colour, linewidth=2, label=f"val {label}")
+        ax.hlines(test, 0, max(len(curve) - 1, 1), linestyles="dashed", color="black", label=f"test {label} {test:.3f}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.set_yscale("log" if min(curve) > 0 else "linear")
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    for suffix in (".png", ".pdf"):
+        fig.savefig(stem.with_suffix(suffix), dpi=110)
+    plt.close(fig)
