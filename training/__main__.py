@@ -70,7 +70,8 @@ def train_digits(arch: str, seed: int, max_epochs: int, patience: int, device: t
         write_json(staging / "metrics.json", metrics)
         plot_curves(staging / "curves", history.val_nll, history.val_error, result.nll, result.error,
                     f"digits {arch} (seed {seed}): best epoch {history.best_epoch}")
-        export_model(model, metrics, final, digits.INPUT_SPEC, test.x, test.y, f"digits-{arch}", staging / "export")
+        export_model(model, metrics, final, digits.INPUT_SPEC, test.x, test.y, f"digits-{arch}", staging / "export",
+                     embed_test_set=True)
     return final, metrics
 
 
@@ -131,7 +132,8 @@ def cmd_export(args) -> None:
         raise UsageError(f"exporting {run['task']} runs is not supported yet")
     test = digits.load_split("test")
     name = args.name or f"{run['task']}-{run['arch']}"
-    folder = export_model(model, run, args.run_dir, digits.INPUT_SPEC, test.x, test.y, name, args.to)
+    folder = export_model(model, run, args.run_dir, digits.INPUT_SPEC, test.x, test.y, name, args.to,
+                          embed_test_set=True)
     print(f"exported {folder}")
 
 

@@ -89,8 +89,13 @@ def run_torch(model, x: torch.Tensor, batch_size: int = 512) -> np.ndarray:
 
 
 def export_model(model: torch.nn.Module, run: dict, run_dir: Path, input_spec: dict,
-                 test_x: torch.Tensor, test_y: torch.Tensor, name: str, exports_dir: Path) -> Path:
-    """Write exports_dir/name atomically; raise ExportError (writing nothing) if parity fails."""
+                 test_x: torch.Tensor, test_y: torch.Tensor, name: str, exports_dir: Path,
+                 embed_test_set: bool) -> Path:
+    """Write exports_dir/name atomically; raise ExportError (writing nothing) if parity fails.
+
+    `embed_test_set` stores the test split beside the artifacts (small sets only, e.g. digits: 114 KB)
+    so the server can re-measure the served model without any training code or download.
+    """
     schema = load_schema()
     if not re.fullmatch(schema["properties"]["name"]["pattern"], name):
         raise ExportError(f"export name {name!r} must match {schema['properties']['name']['pattern']}")
@@ -116,6 +121,11 @@ def export_model(model: torch.nn.Module, run: dict, run_dir: Path, input_spec: d
         (staging / "curves.pdf").unlink()  # the service shows the PNG; the PDF stays in the run folder
         onnx_sha = sha256(onnx_path)
         now = datetime.now(timezone.utc)
+        test_set = {}
+        if embed_test_set:
+            # np.savez stores plain arrays; the server reads them back with allow_pickle=False.
+            np.savez(staging / "test_set.npz", x=test_x.numpy(), y=labels)
+            test_set = {"test_set": {"file": "test_set.npz", "sha256": sha256(staging / "test_set.npz"), "n": len(labels)}}
         manifest = {
             "schema_version": 1, "name": name, "version": f"{now:%Y%m%dT%H%M%SZ}-{onnx_sha[:8]}",
             "task": run["task"], "arch": run["arch"], "summary": run.get("summary", ""),
@@ -127,6 +137,7 @@ def export_model(model: torch.nn.Module, run: dict, run_dir: Path, input_spec: d
                 "torchscript": {"file": ts_path.name, "sha256": sha256(ts_path), "bytes": ts_path.stat().st_size},
             },
             "curves": "curves.png",
+            **test_set,
             "metrics": {"best_epoch": run["best_epoch"], "epochs_run": run["epochs_run"], "val_nll": run["val_nll"],
                         "val_error": run["val_error"], "test": test, "parity": parity},
             "training": {"seed": run["seed"], "config": run["config"], "environment": run["environment"],

@@ -72,6 +72,7 @@ class Recipe:
     batch_size: int = 64
     label_smoothing: float = 0.0
     lr_decay_patience: int = 0         # >0: divide lr by 10 after this many epochs without val improvement
+    ema_decay: float = 0.0             # >0: evaluate and keep an exponential moving average of the weights
     # Augmentation, all off by default (the seed models train on the raw pixels).
     rotate_degrees: float = 0.0        # with zoom: a random affine warp
     zoom: float = 0.0
@@ -119,6 +120,12 @@ def fit(model: torch.nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
     optimizer = make_optimizer(recipe, model.parameters())
     scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=recipe.lr_decay_patience)
                  if recipe.lr_decay_patience > 0 else None)
+    # The EMA of the weights is what gets validated, early-stopped and kept: it smooths the epoch-to-
+    # epoch noise that augmentation adds to val NLL, so early stopping does not fire on a bad epoch.
+    averaged = (torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True)
+        if recipe.ema_decay > 0 else None)
+    evaluated = averaged.module if averaged is not None else model
     stopper = EarlyStopping(patience)
     history = History()
     started = time.perf_counter()
@@ -135,12 +142,14 @@ def fit(model: torch.nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        val = evaluate(model, val_x, val_y)
+            if averaged is not None:
+                averaged.update_parameters(model)
+        val = evaluate(evaluated, val_x, val_y)
         history.val_nll.append(val.nll)
         history.val_error.append(val.error)
         if scheduler is not None:
             scheduler.step(val.nll)
-        stop = stopper.update(epoch, val.nll, model)
+        stop = stopper.update(epoch, val.nll, evaluated)
         bar.set_postfix(val_nll=f"{val.nll:.4f}", val_err=f"{val.error:.4f}", patience=stopper.patience_left)
         if stop:
             break

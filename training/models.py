@@ -3,6 +3,8 @@
 Input scaling lives inside each model (a `Scale` layer or the raw-pixel seed models), so the
 exported graph takes exactly what the server receives.
 """
+import math
+
 import torch
 from torch import nn
 
@@ -57,3 +59,15 @@ def digits_mlp(hidden: int = 512, dropout: float = 0.3) -> nn.Module:
         nn.Linear(64, hidden), nn.BatchNorm1d(hidden), nn.GELU(), nn.Dropout(dropout),
         nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.GELU(), nn.Dropout(dropout),
         nn.Linear(hidden, NUM_CLASSES), nn.LogSoftmax(dim=1))
+
+
+class Ensemble(nn.Module):
+    """Members trained jointly on the NLL of their averaged probabilities; one graph when exported."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x):
+        log_probs = torch.stack([member(x) for member in self.members])
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))

@@ -1,0 +1,1 @@
+"""The digitserve HTTP service: LitServe + ONNX Runtime (or TorchScript) over the exports folder."""

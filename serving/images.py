@@ -1,0 +1,140 @@
+"""Uploaded images and pixel arrays -> the exact arrays an exported model takes.
+
+Everything here is pure NumPy + Pillow and raises `InputError` (an HTTP status and a message) for
+anything a client got wrong; it never touches a model.
+"""
+import base64
+import binascii
+import io
+import math
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Declared width x height above which an upload is refused before any pixel is decoded: a small
+# file can declare a gigapixel canvas (a decompression bomb). 4096 x 4096 covers any real photo.
+MAX_DECLARED_PIXELS = 4096 * 4096
+Image.MAX_IMAGE_PIXELS = MAX_DECLARED_PIXELS  # Pillow's own guard, as a second line
+
+
+class InputError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def spec_size(spec: dict) -> tuple[int, int]:
+    """(height, width) from a manifest input spec (N x C x H x W)."""
+    return spec["shape"][2], spec["shape"][3]
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Open (header only), refuse bombs, then decode the first frame with EXIF orientation applied."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        if isinstance(err, UnidentifiedImageError):
+            raise InputError(400, "not an image (accepted: PNG, JPEG, BMP, GIF, WebP)") from None
+        raise InputError(413, f"image declares too many pixels (limit {MAX_DECLARED_PIXELS})") from None
+    width, height = image.size
+    if width * height > MAX_DECLARED_PIXELS or width <= 0 or height <= 0:
+        raise InputError(413, f"image declares {width}x{height} pixels (limit {MAX_DECLARED_PIXELS})")
+    try:
+        image.seek(0)  # GIF / animated WebP: the first frame
+        image.load()
+        return ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise InputError(400, f"truncated or corrupt image: {err}") from None
+
+
+def to_gray_or_rgb(image: Image.Image, color: str) -> np.ndarray:
+    """8-bit grayscale (H x W) or RGB (H x W x 3), whatever the source mode.
+
+    Transparent pixels become the dark background; 16-bit images are scaled, not clipped.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "La", "RGBa"):
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    target = "L" if color == "grayscale" else "RGB"
+    return np.asarray(image.convert(target))  # CMYK, YCbCr, 1, ... all convert
+
+
+def fit_size(pixels: np.ndarray, size: tuple[int, int], resize: bool, accepted: list[tuple[int, int]]) -> np.ndarray:
+    if pixels.shape[:2] == size:
+        return pixels
+    if not resize:
+        names = " or ".join(f"{w}x{h}" for h, w in accepted)
+        raise InputError(422, f"image is {pixels.shape[1]}x{pixels.shape[0]}; accepted sizes: {names} "
+                              "(or pass resize=true)")
+    mode = "L" if pixels.ndim == 2 else "RGB"
+    resized = Image.fromarray(pixels, mode).resize((size[1], size[0]), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return np.asarray(resized)
+
+
+def model_input(pixels8: np.ndarray, spec: dict, invert: bool) -> np.ndarray:
+    """8-bit pixels (H x W or H x W x 3) -> one C x H x W array in the model's dtype and range."""
+    low, high = spec["range"]
+    if spec["color"] == "grayscale":
+        values = pixels8.astype(np.float32) * (high / 255.0)  # digits: 0..255 -> 0..16
+        if invert:
+            values = high - values
+        return values[None].astype(spec["dtype"])
+    values = pixels8.transpose(2, 0, 1)
+    if invert:
+        values = 255 - values
+    return np.ascontiguousarray(values).astype(spec["dtype"])
+
+
+def decode_image_bytes(data: bytes) -> Image.Image:
+    if not data:
+        raise InputError(400, "empty upload")
+    return open_image(data)
+
+
+def decode_base64(text: object) -> bytes:
+    if not isinstance(text, str):
+        raise InputError(422, "images[] must be base64 strings")
+    if text.startswith("data:"):  # a data URL, as browsers produce
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(400, "images[] entry is not valid base64") from None
+
+
+def pixels_array(value: object, specs: dict[str, dict], invert: bool) -> tuple[str, np.ndarray]:
+    """A raw pixel array from JSON: 8x8 on 0..16 (digits) or 32x32x3 on 0..255 (SVHN).
+
+    Returns the task it belongs to and the model-ready C x H x W array.
+    """
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise InputError(422, "pixels[] entries must be rectangular arrays of numbers") from None
+    for task, spec in specs.items():
+        channels, height, width = spec["shape"][1:]
+        expected = (height, width) if channels == 1 else (height, width, channels)
+        if array.shape == expected:
+            low, high = spec["range"]
+            if not np.isfinite(array).all() or array.min() < low or array.max() > high:
+                raise InputError(422, f"{task} pixel values must lie in [{low:g}, {high:g}]")
+            if spec["dtype"] == "uint8" and not np.array_equal(array, np.round(array)):
+                raise InputError(422, f"{task} pixel values must be integers")
+            if invert:
+                array = high - array
+            chw = array[None] if channels == 1 else array.transpose(2, 0, 1)
+            return task, np.ascontiguousarray(chw).astype(spec["dtype"])
+    shapes = " or ".join("x".join(map(str, s["shape"][2:] if s["shape"][1] == 1 else s["shape"][2:] + [s["shape"][1]]))
+                         for s in specs.values())
+    raise InputError(422, f"pixels[] entry has shape {'x'.join(map(str, array.shape)) or 'scalar'}; accepted: {shapes}")

@@ -1,0 +1,112 @@
+"""Start the real server on a loopback port, and build a tiny SVHN-shaped export for 32x32 tests."""
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The SVHN export contract: RGB uint8 crops as the service receives them.
+SVHN_INPUT = {"name": "pixels", "shape": [None, 3, 32, 32], "dtype": "uint8", "range": [0, 255],
+              "layout": "NCHW", "color": "RGB"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, exports: Path, env: dict | None = None, args: tuple = ()):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"digitserve-{self.port}.log", "w+")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "serving", "--exports", str(exports), "--port", str(self.port), *args],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited {self.process.returncode}: {self.output()}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready in {timeout} s: {self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def synthetic_svhn(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """32x32 RGB crops whose class is the position of a bright 6x6 patch on a noisy background."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    x = rng.integers(0, 90, (n, 3, 32, 32)).astype(np.uint8)
+    for i, label in enumerate(labels):
+        row, col = divmod(int(label), 5)
+        x[i, :, 4 + row * 14:10 + row * 14, 1 + col * 6:7 + col * 6] = 230
+    return x, labels.astype(np.int64)
+
+
+def tiny_svhn_model() -> nn.Module:
+    from training.models import Scale
+    return nn.Sequential(Scale([128.0] * 3, [64.0] * 3), nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4),
+                         nn.Flatten(), nn.Linear(8 * 8 * 8, 10), nn.LogSoftmax(1))
+
+
+def build_svhn_export(exports: Path, name: str = "svhn-tiny") -> Path:
+    from training.export import export_model
+    from training.loop import Recipe, fit
+    torch.manual_seed(0)
+    train_x, train_y = map(torch.from_numpy, synthetic_svhn(600, 0))
+    val_x, val_y = map(torch.from_numpy, synthetic_svhn(200, 1))
+    test_x, test_y = map(torch.from_numpy, synthetic_svhn(200, 2))
+    model = tiny_svhn_model()
+    history = fit(model, train_x, train_y, val_x, val_y, Recipe(optimizer="adamw", lr=3e-3, batch_size=64),
+                  max_epochs=6, patience=6, progress=False)
+    run = {"task": "svhn", "arch": "tiny", "summary": "test-only SVHN-shaped CNN on synthetic crops", "seed": 0,
+           "config": {}, "environment": {}, "wall_seconds": history.train_seconds, "best_epoch": history.best_epoch,
+           "epochs_run": history.epochs_run, "val_nll": history.val_nll, "val_error": history.val_error}
+    return export_model(model, run, Path("synthetic-run"), SVHN_INPUT, test_x, test_y, name, exports,
+                        embed_test_set=False)
+
+
+def png(array: np.ndarray, mode: str | None = None, **save) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode).save(buffer, format=save.pop("format", "PNG"), **save)
+    return buffer.getvalue()
+
+
+def copy_committed(exports: Path, *names: str) -> None:
+    exports.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "exports" / "manifest.schema.json", exports)
+    for name in names:
+        shutil.copytree(ROOT / "exports" / name, exports / name)

@@ -1,0 +1,149 @@
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+
+from serving import registry
+from training import digits, export
+from training.__main__ import train_digits
+from training.export import ExportError, export_model, load_run
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPORTS = ROOT / "exports"
+COMMITTED = ("digits-mlp", "digits-cnn")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A two-epoch digits CNN run (with its own export inside)."""
+    run_dir, _ = train_digits("cnn", seed=0, max_epochs=2, patience=2, device=torch.device("cpu"),
+                              out=tmp_path_factory.mktemp("runs"), progress=False)
+    return run_dir
+
+
+def test_committed_exports_validate_and_hashes_match():
+    schema = registry.load_schema(EXPORTS)
+    entries = {entry.name: entry for entry in registry.scan(EXPORTS, "onnx")}
+    for name in COMMITTED:
+        entry = entries[name]
+        assert entry.available, entry.error
+        assert registry.schema_errors(entry.manifest, schema) == []
+        for artifact in entry.manifest["artifacts"].values():
+            assert registry.sha256(entry.folder / artifact["file"]) == artifact["sha256"]
+
+
+def test_schema_accepts_good_and_names_what_is_wrong_with_bad(tiny_run):
+    schema = registry.load_schema(EXPORTS)
+    manifest = json.loads((tiny_run / "export" / "digits-cnn" / "model.json").read_text())
+    assert registry.schema_errors(manifest, schema) == []
+    broken = json.loads(json.dumps(manifest))
+    broken["metrics"]["test"]["error"] = 1.5
+    del broken["artifacts"]["onnx"]["sha256"]
+    problems = registry.schema_errors(broken, schema)
+    assert any(p.startswith("artifacts/onnx: 'sha256' is a required property") for p in problems), problems
+    assert any(p.startswith("metrics/test/error: 1.5 is greater than the maximum of 1") for p in problems), problems
+    with pytest.raises(ExportError, match="metrics/test/error"):
+        export.validate_manifest(broken, schema)
+
+
+def test_parity_and_metrics_measured_on_the_onnx_artifact(tiny_run):
+    folder = tiny_run / "export" / "digits-cnn"
+    manifest = json.loads((folder / "model.json").read_text())
+    parity = manifest["metrics"]["parity"]
+    assert parity["onnx_max_abs"] <= 1e-4 and parity["torchscript_max_abs"] <= 1e-4
+    test = digits.load_split("test")
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    log_probs = session.run(None, {"pixels": test.x.numpy()})[0]
+    assert log_probs.shape == (447, 10)
+    assert np.allclose(np.exp(log_probs).sum(1), 1, atol=1e-5)
+    errors = int((log_probs.argmax(1) != test.y.numpy()).sum())
+    assert manifest["metrics"]["test"]["errors"] == errors
+    nll = float(-log_probs[np.arange(447), test.y.numpy()].mean())
+    assert manifest["metrics"]["test"]["nll"] == pytest.approx(nll, abs=1e-6)
+    scripted = torch.jit.load(str(folder / "model.ts"))
+    assert np.abs(scripted(test.x[:5]).detach().numpy() - log_probs[:5]).max() <= 1e-4
+    # dynamic batch axis: any batch size goes through
+    assert session.run(None, {"pixels": test.x.numpy()[:1]})[0].shape == (1, 10)
+
+
+def test_export_fails_loudly_when_an_artifact_disagrees(tiny_run, tmp_path, monkeypatch):
+    run, model = load_run(tiny_run)
+    test = digits.load_split("test")
+    real_run_onnx = export.run_onnx
+    monkeypatch.setattr(export, "run_onnx", lambda *a, **k: real_run_onnx(*a, **k) + 1e-3)
+    with pytest.raises(ExportError, match="onnx artifact disagrees"):
+        export_model(model, run, tiny_run, digits.INPUT_SPEC, test.x, test.y, "digits-cnn", tmp_path,
+                     embed_test_set=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sha256_mismatch_is_detected(tiny_run, tmp_path):
+    shutil.copytree(tiny_run / "export", tmp_path / "exports")
+    onnx_file = tmp_path / "exports" / "digits-cnn" / "model.onnx"
+    data = bytearray(onnx_file.read_bytes())
+    data[-1] ^= 0xFF
+    onnx_file.write_bytes(bytes(data))
+    (entry,) = registry.scan(tmp_path / "exports", "onnx")
+    assert not entry.available and "does not match the sha256" in entry.error
+    (entry,) = registry.scan(tmp_path / "exports", "torchscript")  # the other artifact is intact
+    assert entry.available
+
+
+def test_failed_export_leaves_previous_export_intact(tiny_run, tmp_path, monkeypatch):
+    exports_dir = tmp_path / "exports"
+    run, model = load_run(tiny_run)
+    test = digits.load_split("test")
+    export_model(model, run, tiny_run, digits.INPUT_SPEC, test.x, test.y, "digits-cnn", exports_dir, embed_test_set=True)
+    before = {p.name: p.read_bytes() for p in (exports_dir / "digits-cnn").iterdir()}
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(export, "save_torchscript", crash)
+    with pytest.raises(OSError, match="disk full"):
+        export_model(model, run, tiny_run, digits.INPUT_SPEC, test.x, test.y, "digits-cnn", exports_dir,
+                     embed_test_set=True)
+    assert {p.name: p.read_bytes() for p in (exports_dir / "digits-cnn").iterdir()} == before
+    assert sorted(p.name for p in exports_dir.iterdir()) == ["digits-cnn", "manifest.schema.json"]
+
+
+def test_export_cli_round_trip_and_bad_run_folders(cli, tiny_run, tmp_path):
+    result = cli("training", "export", str(tiny_run), "--to", str(tmp_path / "exports"), "--name", "my-cnn")
+    assert result.returncode == 0, result.stderr
+    (entry,) = registry.scan(tmp_path / "exports", "onnx")
+    assert entry.name == "my-cnn" and entry.available
+
+    missing = cli("training", "export", str(tmp_path / "nope"), "--to", str(tmp_path / "out"))
+    assert missing.returncode == 1 and "not a run folder" in missing.stderr
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_run, corrupt)
+    (corrupt / "model.pt").write_bytes(b"not a checkpoint")
+    result = cli("training", "export", str(corrupt), "--to", str(tmp_path / "out"))
+    assert result.returncode == 1 and "not a loadable state dict" in result.stderr
+
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(tiny_run, mismatched)
+    metrics = json.loads((mismatched / "metrics.json").read_text())
+    metrics["arch"] = "mlp"  # the checkpoint is a CNN's
+    (mismatched / "metrics.json").write_text(json.dumps(metrics))
+    result = cli("training", "export", str(mismatched), "--to", str(tmp_path / "out"))
+    assert result.returncode == 1 and "does not fit arch 'mlp'" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = cli("training", "export", str(tiny_run), "--to", str(blocker / "exports"))
+    assert result.returncode == 2 and "not writable" in result.stderr
+
+
+@pytest.mark.slow
+def test_committed_cnn_retrains_to_the_same_error_count(tmp_path):
+    manifest = json.loads((EXPORTS / "digits-cnn" / "model.json").read_text())
+    config = manifest["training"]["config"]
+    _, metrics = train_digits(manifest["arch"], manifest["training"]["seed"], config["max_epochs"], config["patience"],
+                              torch.device("cpu"), tmp_path, progress=False)
+    assert abs(metrics["test"]["errors"] - manifest["metrics"]["test"]["errors"]) <= 1

@@ -1,0 +1,357 @@
+"""The real server on a loopback port, spoken to over HTTP."""
+import asyncio
+import base64
+import io
+import json
+import shutil
+
+import httpx
+import numpy as np
+import onnxruntime
+import pytest
+from PIL import Image
+
+from serving_helpers import ServerProcess, build_svhn_export, copy_committed, png, synthetic_svhn
+from training import digits
+
+API_KEY = "test-key-123"
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("exports")
+    copy_committed(folder, "digits-mlp", "digits-cnn")
+    build_svhn_export(folder)
+    broken = folder / "digits-broken"
+    shutil.copytree(folder / "digits-mlp", broken)
+    manifest = json.loads((broken / "model.json").read_text())
+    manifest["name"] = "digits-broken"
+    (broken / "model.json").write_text(json.dumps(manifest))
+    (broken / "model.onnx").write_bytes(b"tampered")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(exports):
+    process = ServerProcess(exports, args=("--max-batch-size", "32", "--batch-timeout", "0.01"))
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def test_digits():
+    images, labels = digits.split_arrays("test")
+    return images, labels
+
+
+def digit_png(image: np.ndarray) -> bytes:
+    return png(np.round(image * 255 / 16).astype(np.uint8), "L")
+
+
+def offline(exports, name, x: np.ndarray) -> np.ndarray:
+    session = onnxruntime.InferenceSession(str(exports / name / "model.onnx"), providers=["CPUExecutionProvider"])
+    return np.exp(session.run(None, {"pixels": x})[0])
+
+
+# --- health, readiness, models ---
+
+def test_health_ready_and_v2_health(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    ready = client.get("/ready").json()
+    assert ready["status"] == "ready" and set(ready["models"]) == {"digits-cnn", "digits-mlp", "svhn-tiny"}
+    assert client.get("/v2/health/live").json() == {"live": True}
+    assert client.get("/v2/health/ready").status_code == 200
+    assert client.get("/v2").json()["name"] == "digitserve"
+
+
+def test_models_list_metrics_and_unavailable_reason(client, exports):
+    body = client.get("/models").json()
+    models = {m["name"]: m for m in body["models"]}
+    assert body["backend"] == "onnx"
+    manifest = json.loads((exports / "digits-cnn" / "model.json").read_text())
+    cnn = models["digits-cnn"]
+    assert cnn["status"] == "ready" and cnn["default_for"] == "8x8" and cnn["task"] == "digits"
+    assert cnn["test"]["errors"] == manifest["metrics"]["test"]["errors"] and cnn["test"]["n"] == 447
+    assert cnn["best_epoch"] == manifest["metrics"]["best_epoch"] and cnn["input"]["dtype"] == "float32"
+    assert models["svhn-tiny"]["default_for"] == "32x32"
+    assert models["digits-broken"]["status"] == "unavailable"
+    assert "sha256" in models["digits-broken"]["reason"]
+
+
+def test_model_detail_and_curves(client):
+    detail = client.get("/models/digits-mlp").json()
+    assert len(detail["manifest"]["metrics"]["val_nll"]) == detail["epochs_run"]
+    curves = client.get(detail["curves_url"])
+    assert curves.status_code == 200 and curves.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert client.get("/models/nope").status_code == 404
+    assert client.get("/models/digits-broken").status_code == 503
+
+
+def test_evaluate_matches_manifest(client):
+    body = client.post("/models/digits-cnn/evaluate").json()
+    assert body["agrees"] is True and body["served"]["n"] == 447
+    assert body["served"]["errors"] == body["manifest"]["errors"]
+    assert client.post("/models/svhn-tiny/evaluate").status_code == 422  # no embedded test split
+
+
+# --- prediction ---
+
+def test_predict_multipart_routes_by_size_and_matches_offline(client, exports, test_digits):
+    images, labels = test_digits
+    svhn_x, svhn_y = synthetic_svhn(3, seed=7)
+    files = [("file", (f"d{i}.png", digit_png(images[i]), "image/png")) for i in range(3)]
+    files.append(("file", ("s.png", png(svhn_x[0].transpose(1, 2, 0), "RGB"), "image/png")))
+    response = client.post("/predict", files=files)
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert [p["model"] for p in predictions] == ["digits-cnn"] * 3 + ["svhn-tiny"]
+    assert [p["input"] for p in predictions] == ["d0.png", "d1.png", "d2.png", "s.png"]
+    # the PNG round trip quantises 0..16 to 0..255 and back; the offline reference does the same
+    quantised = (np.round(images[:3] * 255 / 16) * (16 / 255)).astype(np.float32)[:, None]
+    expected = offline(exports, "digits-cnn", quantised)
+    for p, probs in zip(predictions[:3], expected):
+        assert np.allclose(p["probabilities"], probs, atol=2e-6)
+        assert p["label"] == int(np.argmax(probs)) and abs(sum(p["probabilities"]) - 1) < 1e-4
+    assert predictions[3]["label"] == svhn_y[0]
+
+
+def test_predict_json_base64_and_pixels_with_explicit_model(client, test_digits):
+    images, labels = test_digits
+    encoded = base64.b64encode(digit_png(images[5])).decode()
+    body = {"model": "digits-mlp", "images": [f"data:image/png;base64,{encoded}"], "pixels": [images[6].tolist()]}
+    predictions = client.post("/predict", json=body).json()["predictions"]
+    assert [p["model"] for p in predictions] == ["digits-mlp", "digits-mlp"]
+    assert [p["input"] for p in predictions] == ["images[0]", "pixels[0]"]
+    assert predictions[1]["label"] == labels[6]
+    version = client.get("/models/digits-mlp").json()["version"]
+    assert predictions[0]["version"] == version
+
+
+def test_invert_and_resize(client, test_digits):
+    images, labels = test_digits
+    light = 255 - np.round(images[10] * 255 / 16).astype(np.uint8)  # dark ink on white paper
+    normal = client.post("/predict", files={"file": ("d.png", digit_png(images[10]))}).json()["predictions"][0]
+    inverted = client.post("/predict?invert=true", files={"file": ("d.png", png(light, "L"))}).json()["predictions"][0]
+    assert inverted["label"] == normal["label"]
+    assert np.allclose(inverted["probabilities"], normal["probabilities"], atol=1e-5)
+    big = np.asarray(Image.fromarray(np.round(images[10] * 255 / 16).astype(np.uint8)).resize((64, 64), Image.NEAREST))
+    refused = client.post("/predict", files={"file": ("big.png", png(big, "L"))})
+    assert refused.status_code == 422 and "8x8" in refused.json()["error"] and "32x32" in refused.json()["error"]
+    resized = client.post("/predict", params={"resize": "true"}, files={"file": ("big.png", png(big, "L"))})
+    assert resized.status_code == 200 and resized.json()["predictions"][0]["model"] == "digits-cnn"
+
+
+@pytest.mark.parametrize("kind", ["palette", "rgba", "16bit", "cmyk_jpeg", "gif", "webp", "bmp", "exif_rotated"])
+def test_image_formats_and_modes(client, test_digits, kind):
+    images, _ = test_digits
+    gray = np.round(images[20] * 255 / 16).astype(np.uint8)
+    reference = client.post("/predict", files={"file": ("d.png", png(gray, "L"))}).json()["predictions"][0]
+    if kind == "palette":
+        data = png(gray, "L") if False else _save(Image.fromarray(gray, "L").convert("P"), "PNG")
+    elif kind == "rgba":
+        rgba = np.stack([gray, gray, gray, np.full_like(gray, 255)], -1)
+        data = png(rgba, "RGBA")
+    elif kind == "16bit":
+        data = _save(Image.fromarray(gray.astype(np.uint16) * 257), "PNG")
+    elif kind == "cmyk_jpeg":
+        data = _save(Image.fromarray(gray, "L").convert("CMYK"), "JPEG", quality=100)
+    elif kind == "gif":
+        frames = [Image.fromarray(gray, "L").convert("P"), Image.fromarray(255 - gray, "L").convert("P")]
+        buffer = io.BytesIO()
+        frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+        data = buffer.getvalue()
+    elif kind == "webp":
+        data = _save(Image.fromarray(gray, "L"), "WEBP", lossless=True)
+    elif kind == "bmp":
+        data = _save(Image.fromarray(gray, "L"), "BMP")
+    else:  # stored rotated 90 degrees, with EXIF orientation 6 saying "rotate back"
+        image = Image.fromarray(np.rot90(gray, 1).copy(), "L")
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        data = _save(image, "PNG", exif=exif)
+    response = client.post("/predict", files={"file": ("x", data)})
+    assert response.status_code == 200, response.text
+    got = response.json()["predictions"][0]
+    tolerance = 0.05 if kind == "cmyk_jpeg" else 1e-4  # JPEG is lossy
+    assert got["label"] == reference["label"]
+    assert np.allclose(got["probabilities"], reference["probabilities"], atol=tolerance)
+
+
+def _save(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+# --- bad input: right status, JSON error, and the service keeps serving ---
+
+def bomb_png() -> bytes:
+    """A valid PNG header declaring 100000 x 100000 pixels, with a tiny body."""
+    import struct
+    import zlib
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("request_kwargs, status, message", [
+    ({"files": {"file": ("x.png", b"hello, not an image")}}, 400, "not an image"),
+    ({"files": {"file": ("x.png", png(np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8))[:300])}},
+     400, "truncated"),
+    ({"files": {"file": ("x.png", png(np.zeros((10, 12), np.uint8), "L"))}}, 422, "accepted sizes"),
+    ({"json": {"pixels": [[[1, 2], [3, 4]]]}}, 422, "accepted"),
+    ({"json": {"pixels": [[["a"] * 8] * 8]}}, 422, "numbers"),
+    ({"json": {"pixels": [np.full((8, 8), 17).tolist()]}}, 422, "[0, 16]"),
+    ({"json": {"images": "not-a-list"}}, 422, "images"),
+    ({"json": {"images": ["%%%"]}}, 400, "base64"),
+    ({"json": {}}, 422, "no image"),
+    ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "invalid JSON"),
+    ({"json": {"model": "resnet", "pixels": [np.zeros((8, 8)).tolist()]}}, 404, "unknown model"),
+    ({"json": {"model": "svhn-tiny", "pixels": [np.zeros((8, 8)).tolist()]}}, 422, "svhn"),
+    ({"files": {"file": ("x.png", b"\0" * (1 << 20 + 1))}}, 413, "limit"),
+    ({"files": {"file": ("bomb.png", bomb_png())}}, 413, "declares"),
+])
+def test_bad_input(client, request_kwargs, status, message):
+    response = client.post("/predict", **request_kwargs)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    assert client.get("/health").status_code == 200
+    ok = client.post("/predict", json={"pixels": [np.zeros((8, 8)).tolist()]})
+    assert ok.status_code == 200
+
+
+def test_concurrent_mixed_requests_each_get_their_own_answer(server, exports, test_digits):
+    images, _ = test_digits
+    svhn_x, svhn_y = synthetic_svhn(100, seed=11)
+    digit_pngs = [digit_png(images[i]) for i in range(120)]
+    quantised = (np.round(images[:120] * 255 / 16) * (16 / 255)).astype(np.float32)[:, None]
+    expected_digits = offline(exports, "digits-cnn", quantised)
+
+    async def one(client, i):
+        if i % 2 == 0 and i // 2 < 120:
+            data = digit_pngs[i // 2]
+        else:
+            data = png(svhn_x[i % 100].transpose(1, 2, 0), "RGB")
+        response = await client.post("/predict", files={"file": (f"req{i}.png", data)})
+        return i, response
+
+    async def burst():
+        limits = httpx.Limits(max_connections=250)
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(240)))
+
+    results = asyncio.run(burst())
+    batch_sizes = []
+    for i, response in results:
+        assert response.status_code == 200, response.text
+        (p,) = response.json()["predictions"]
+        assert p["input"] == f"req{i}.png"
+        if i % 2 == 0 and i // 2 < 120:
+            assert p["model"] == "digits-cnn"
+            assert np.allclose(p["probabilities"], expected_digits[i // 2], atol=2e-6)
+        else:
+            assert p["model"] == "svhn-tiny" and p["label"] == svhn_y[i % 100]
+        batch_sizes.append(p["batch_size"])
+    assert max(batch_sizes) > 1  # concurrent requests shared inference calls
+
+
+# --- KServe v2 ---
+
+def test_v2_metadata_and_infer_round_trip(client, exports, test_digits):
+    images, _ = test_digits
+    meta = client.get("/v2/models/digits-cnn").json()
+    assert meta["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    assert client.get("/v2/models/digits-cnn/ready").status_code == 200
+    x = images[:4, None].astype(np.float32)
+    request = {"id": "req-42", "inputs": [{"name": "pixels", "shape": [4, 1, 8, 8], "datatype": "FP32",
+                                           "data": x.ravel().tolist()}]}
+    body = client.post("/v2/models/digits-cnn/infer", json=request).json()
+    assert body["id"] == "req-42" and body["model_name"] == "digits-cnn"
+    (output,) = body["outputs"]
+    assert output["shape"] == [4, 10] and output["datatype"] == "FP32"
+    log_probs = np.asarray(output["data"]).reshape(4, 10)
+    assert np.allclose(np.exp(log_probs), offline(exports, "digits-cnn", x), atol=1e-5)
+
+    svhn_x, svhn_y = synthetic_svhn(2, seed=3)
+    request = {"inputs": [{"name": "pixels", "shape": [2, 3, 32, 32], "datatype": "UINT8", "data": svhn_x.ravel().tolist()}]}
+    body = client.post("/v2/models/svhn-tiny/infer", json=request).json()
+    assert np.asarray(body["outputs"][0]["data"]).reshape(2, 10).argmax(1).tolist() == svhn_y.tolist()
+
+
+@pytest.mark.parametrize("request_body, message", [
+    ({"inputs": [{"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP64", "data": [0] * 64}]}, "datatype"),
+    ({"inputs": [{"name": "pixels", "shape": [1, 1, 8, 7], "datatype": "FP32", "data": [0] * 56}]}, "shape"),
+    ({"inputs": [{"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0] * 63}]}, "values"),
+    ({"inputs": "nope"}, "invalid inference request"),
+])
+def test_v2_errors(client, request_body, message):
+    response = client.post("/v2/models/digits-cnn/infer", json=request_body)
+    assert response.status_code == 400 and message in response.json()["error"]
+    assert client.post("/v2/models/nope/infer", json=request_body).status_code == 404
+
+
+# --- metrics and OpenAPI ---
+
+def test_metrics_counters_move(client):
+    def count():
+        text = client.get("/metrics").text
+        for line in text.splitlines():
+            if line.startswith('digitserve_requests_total{model="digits-mlp",route="/predict",method="POST",status="200"}'):
+                return int(line.rsplit(" ", 1)[1])
+        return 0
+    before = count()
+    for _ in range(3):
+        client.post("/predict", json={"model": "digits-mlp", "pixels": [np.zeros((8, 8)).tolist()]})
+    assert count() == before + 3
+    text = client.get("/metrics").text
+    assert 'digitserve_model_status{model="digits-broken",status="unavailable"} 1' in text
+    assert "digitserve_batch_size_bucket" in text and 'digitserve_request_seconds_bucket{route="/predict"' in text
+
+
+def test_openapi_documents_real_schemas(client):
+    spec = client.get("/openapi.json").json()
+    predict = spec["paths"]["/predict"]["post"]
+    assert {"application/json", "multipart/form-data"} <= set(predict["requestBody"]["content"])
+    assert predict["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("PredictResponse")
+    assert "/v2/models/{name}/infer" in spec["paths"]
+    assert client.get("/docs").status_code == 200
+
+
+# --- startup and auth (their own servers) ---
+
+def test_api_key_guards_prediction_and_model_routes(exports):
+    process = ServerProcess(exports, env={"DIGITSERVE_API_KEY": API_KEY})
+    try:
+        process.wait_ready()
+        with httpx.Client(base_url=process.url, timeout=30) as c:
+            body = {"pixels": [np.zeros((8, 8)).tolist()]}
+            assert c.post("/predict", json=body).status_code == 401
+            assert c.post("/predict", json=body, headers={"X-API-Key": "wrong"}).status_code == 401
+            assert c.post("/predict", json=body, headers={"X-API-Key": API_KEY}).status_code == 200
+            assert c.post("/predict", json=body, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+            assert c.get("/models").status_code == 401 and "API key" in c.get("/models").json()["error"]
+            assert c.get("/v2/models/digits-cnn").status_code == 401
+            assert c.get("/health").status_code == 200 and c.get("/ready").status_code == 200
+    finally:
+        process.stop()
+
+
+def test_no_usable_model_refuses_to_start(tmp_path, cli):
+    (tmp_path / "exports").mkdir()
+    shutil.copy(copy_source := (__import__("pathlib").Path(__file__).parents[1] / "exports" / "manifest.schema.json"),
+                tmp_path / "exports")
+    (tmp_path / "exports" / "junk").mkdir()
+    result = cli("serving", "--exports", str(tmp_path / "exports"), "--port", "1", timeout=60)
+    assert result.returncode == 1 and "no usable model" in result.stderr and "junk: no model.json" in result.stderr
+    result = cli("serving", "--exports", str(tmp_path / "missing"), timeout=60)
+    assert result.returncode == 1 and "does not exist" in result.stderr
