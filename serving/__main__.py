@@ -5,6 +5,7 @@ on the command line wins over the variable.
 """
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -85,8 +86,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model {name} unavailable: {reason}", file=sys.stderr)
     print(f"serving {', '.join(sorted(service.ready_models))} with {config.backend} on http://{config.host}:{config.port}",
           file=sys.stderr)
+    signal.signal(signal.SIGTERM, stop_gracefully)
     server.run(host=config.host, port=config.port, generate_client_file=False, log_level="warning")
     return 0
+
+
+def stop_gracefully(signum, frame):
+    """SIGTERM (docker stop, Kubernetes) takes LitServe's graceful path, as Ctrl-C does: the HTTP
+    process stops accepting and finishes in-flight requests, then the workers stop, then we exit 0."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ The routes here decode and validate uploads (so a bad one fails alone), hand cle
 LitServe's request handler, and shape the answers: /predict, /models, the KServe v2 protocol,
 /health, /ready, /metrics and the web page.
 """
-import json
+import hmac
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +14,7 @@ from typing import Any
 import litserve as ls
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from litserve.server import RegularRequestHandler
 from litserve.utils import WorkerSetupStatus
 from pydantic import BaseModel, Field, ValidationError
@@ -26,6 +26,7 @@ from serving.metrics import Metrics
 
 STATIC = Path(__file__).parent / "static"
 MAX_IMAGES_PER_REQUEST = 256
+GRACEFUL_SHUTDOWN_SECONDS = 7  # in-flight requests get this long after SIGTERM; orchestrators wait 10 s or more
 V2_DATATYPES = {"FP32": np.float32, "UINT8": np.uint8}
 
 
@@ -258,7 +259,7 @@ def install_routes(app: FastAPI, service: Service) -> None:
         authorization = request.headers.get("authorization", "")
         if supplied is None and authorization.lower().startswith("bearer "):
             supplied = authorization[7:]
-        if supplied is None or not _constant_time_equal(supplied, config.api_key):
+        if supplied is None or not hmac.compare_digest(supplied.encode(), config.api_key.encode()):
             raise HTTPException(401, "missing or wrong API key (X-API-Key header or Authorization: Bearer)")
 
     auth = [Depends(require_key)]
@@ -530,11 +531,6 @@ def parse_json(body: bytes) -> tuple[list, dict]:
     return inputs, {"model": payload.model, "invert": payload.invert, "resize": payload.resize}
 
 
-def _constant_time_equal(a: str, b: str) -> bool:
-    import hmac
-    return hmac.compare_digest(a.encode(), b.encode())
-
-
 def build_server(config: Config) -> tuple[ls.LitServer, Service]:
     service = Service(config)
     models = {name: {"path": str(e.artifact_path(config.backend)), "input": e.manifest["input"]}
@@ -543,6 +539,7 @@ def build_server(config: Config) -> tuple[ls.LitServer, Service]:
     accelerator = "cuda" if config.device in ("cuda", "auto") and _cuda_present() else "cpu"
     server = ls.LitServer(api, accelerator=accelerator, devices=1, workers_per_device=config.workers,
                           timeout=config.request_timeout)
+    server.uvicorn_graceful_timeout = GRACEFUL_SHUTDOWN_SECONDS
     # LitServe's own "/", "/health", "/info" and "/predict" give way to the routes below.
     server.app.router.routes = [r for r in server.app.router.routes
                                 if getattr(r, "path", None) not in ("/", "/health", "/info", "/predict")]

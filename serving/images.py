@@ -6,7 +6,6 @@ anything a client got wrong; it never touches a model.
 import base64
 import binascii
 import io
-import math
 import warnings
 
 import numpy as np

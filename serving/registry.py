@@ -5,7 +5,7 @@ training and serving. A broken export is listed as unavailable with its reason; 
 """
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema

@@ -2,6 +2,7 @@
 import io
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -34,7 +35,8 @@ class ServerProcess:
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"digitserve-{self.port}.log", "w+")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "serving", "--exports", str(exports), "--port", str(self.port), *args],
-            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT)
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True)  # its own process group, so no LitServe worker outlives the test
 
     def wait_ready(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
@@ -54,7 +56,8 @@ class ServerProcess:
         self.log.seek(0)
         return self.log.read()
 
-    def stop(self) -> None:
+    def stop(self) -> int:
+        """SIGTERM, as an orchestrator sends it; the exit status. Anything left of the group is killed."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -62,7 +65,12 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.log.close()
+        return self.process.returncode
 
 
 def synthetic_svhn(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -88,7 +88,9 @@ def test_cli_single_run_writes_complete_run_folder(cli, tmp_path):
     result = cli("training", "digits", "--arch", "mlp", "--max-epochs", "3", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     (run_dir,) = tmp_path.iterdir()
-    assert sorted(p.name for p in run_dir.iterdir()) == ["curves.pdf", "curves.png", "metrics.json", "model.pt"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["curves.pdf", "curves.png", "export", "metrics.json", "model.pt"]
+    assert sorted(p.name for p in (run_dir / "export" / "digits-mlp").iterdir()) == [
+        "curves.png", "model.json", "model.onnx", "model.ts", "test_set.npz"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["arch"] == "mlp" and metrics["seed"] == 0 and metrics["epochs_run"] == 3
     assert len(metrics["val_nll"]) == len(metrics["val_error"]) == 3

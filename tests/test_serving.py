@@ -11,7 +11,7 @@ import onnxruntime
 import pytest
 from PIL import Image
 
-from serving_helpers import ServerProcess, build_svhn_export, copy_committed, png, synthetic_svhn
+from serving_helpers import ROOT, ServerProcess, build_svhn_export, copy_committed, png, synthetic_svhn
 from training import digits
 
 API_KEY = "test-key-123"
@@ -156,7 +156,7 @@ def test_image_formats_and_modes(client, test_digits, kind):
     gray = np.round(images[20] * 255 / 16).astype(np.uint8)
     reference = client.post("/predict", files={"file": ("d.png", png(gray, "L"))}).json()["predictions"][0]
     if kind == "palette":
-        data = png(gray, "L") if False else _save(Image.fromarray(gray, "L").convert("P"), "PNG")
+        data = _save(Image.fromarray(gray, "L").convert("P"), "PNG")
     elif kind == "rgba":
         rgba = np.stack([gray, gray, gray, np.full_like(gray, 255)], -1)
         data = png(rgba, "RGBA")
@@ -348,8 +348,7 @@ def test_api_key_guards_prediction_and_model_routes(exports):
 
 def test_no_usable_model_refuses_to_start(tmp_path, cli):
     (tmp_path / "exports").mkdir()
-    shutil.copy(copy_source := (__import__("pathlib").Path(__file__).parents[1] / "exports" / "manifest.schema.json"),
-                tmp_path / "exports")
+    shutil.copy(ROOT / "exports" / "manifest.schema.json", tmp_path / "exports")
     (tmp_path / "exports" / "junk").mkdir()
     result = cli("serving", "--exports", str(tmp_path / "exports"), "--port", "1", timeout=60)
     assert result.returncode == 1 and "no usable model" in result.stderr and "junk: no model.json" in result.stderr

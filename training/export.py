@@ -160,7 +160,7 @@ def load_run(run_dir: Path) -> tuple[dict, torch.nn.Module]:
     spec = ARCHS.get(run.get("task"), {}).get(run.get("arch")) if isinstance(run, dict) else None
     if spec is None:
         raise ExportError(f"{run_dir / 'metrics.json'} names no known task/arch")
-    model = spec.build()
+    model = spec.build(**run.get("config", {}).get("model_kwargs", {}))
     try:
         state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
     except FileNotFoundError:

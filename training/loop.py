@@ -8,7 +8,9 @@ import math
 import time
 from dataclasses import dataclass, field
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from training import augment
@@ -73,6 +75,7 @@ class Recipe:
     label_smoothing: float = 0.0
     lr_decay_patience: int = 0         # >0: divide lr by 10 after this many epochs without val improvement
     ema_decay: float = 0.0             # >0: evaluate and keep an exponential moving average of the weights
+    ema_bias_correction: bool = False  # divide out the initial weights' share, as Adam does for its moments
     # Augmentation, all off by default (the seed models train on the raw pixels).
     rotate_degrees: float = 0.0        # with zoom: a random affine warp
     zoom: float = 0.0
@@ -85,6 +88,7 @@ class Recipe:
 
 
 def augment_batch(x: torch.Tensor, recipe: Recipe) -> torch.Tensor:
+    x = x.float()  # uint8 photos: padding and interpolation need floats (the model's Scale accepts both)
     if recipe.rotate_degrees or recipe.zoom:
         x = augment.random_affine(x, recipe.rotate_degrees, recipe.zoom, recipe.shift)
     elif recipe.shift:
@@ -113,48 +117,99 @@ def make_optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
 
 
+def make_ema(model: torch.nn.Module, recipe: Recipe) -> torch.optim.swa_utils.AveragedModel:
+    """An EMA of the weights and BatchNorm statistics.
+
+    Plain, the average starts as a copy of the random initial weights and keeps a decay^t share of
+    them; with bias correction every step's weight is (1 - decay) / (1 - decay^t), so the average is
+    a true mean of the steps seen so far until ~1/(1 - decay) steps, then a plain EMA. Without it a
+    slow starter (SVHN: hundreds of steps at chance) is validated as chance for epochs, and the lr
+    schedule and early stopping react to that.
+    """
+    swa = torch.optim.swa_utils
+    if not recipe.ema_bias_correction:
+        return swa.AveragedModel(model, multi_avg_fn=swa.get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True)
+    decay = recipe.ema_decay
+
+    def corrected(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        weight = (1 - decay) / (1 - decay ** (num_averaged + 1))  # a device tensor: no host sync per step
+        return averaged + (current - averaged) * weight.to(averaged.dtype)
+    return swa.AveragedModel(model, avg_fn=corrected, use_buffers=True)
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) under torchrun's process group, (0, 1) otherwise."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def fit(model: torch.nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
         val_x: torch.Tensor, val_y: torch.Tensor, recipe: Recipe, *,
-        max_epochs: int, patience: int, progress: bool = True, desc: str = "train") -> History:
-    """Train until validation NLL stops improving, then restore the best epoch's weights."""
+        max_epochs: int, patience: int, progress: bool = True, desc: str = "train",
+        bf16: bool = False, channels_last: bool = False, compile: bool = False) -> History:
+    """Train until validation NLL stops improving, then restore the best epoch's weights.
+
+    Under torchrun every rank trains on its shard of each batch (DistributedDataParallel averages
+    the gradients); rank 0 alone evaluates and broadcasts the validation figures, so every rank
+    takes the same scheduler and early-stopping decisions.
+    """
+    rank, world = rank_and_world()
+    if channels_last:  # NHWC convolutions run on the tensor cores without layout transposes
+        model = model.to(memory_format=torch.channels_last)
+    trained = DistributedDataParallel(model) if world > 1 else model
+    forward = torch.compile(trained) if compile else trained
     optimizer = make_optimizer(recipe, model.parameters())
     scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=recipe.lr_decay_patience)
                  if recipe.lr_decay_patience > 0 else None)
     # The EMA of the weights is what gets validated, early-stopped and kept: it smooths the epoch-to-
     # epoch noise that augmentation adds to val NLL, so early stopping does not fire on a bad epoch.
-    averaged = (torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True)
-        if recipe.ema_decay > 0 else None)
+    averaged = make_ema(model, recipe) if recipe.ema_decay > 0 else None
     evaluated = averaged.module if averaged is not None else model
     stopper = EarlyStopping(patience)
     history = History()
+    device = train_x.device
     started = time.perf_counter()
-    bar = tqdm(range(max_epochs), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(range(max_epochs), desc=desc, disable=not progress or rank != 0, leave=False, dynamic_ncols=True)
     for epoch in bar:
         model.train()
-        order = torch.randperm(len(train_y), device=train_y.device)
+        order = torch.randperm(len(train_y), device=device)
+        if world > 1:
+            dist.broadcast(order, 0)  # one permutation for all ranks: their shards never overlap
         for start in range(0, len(order), recipe.batch_size):
-            batch = order[start:start + recipe.batch_size]
+            batch = order[start:start + recipe.batch_size][rank::world]
             x, y = train_x[batch], train_y[batch]
             if recipe.augments():
                 x = augment_batch(x, recipe)
-            loss = smoothed_nll(model(x), y, recipe.label_smoothing)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            # bf16 autocast: tensor-core matmuls at full fp32 range, so no loss scaling is needed
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = smoothed_nll(forward(x).float(), y, recipe.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if averaged is not None:
                 averaged.update_parameters(model)
-        val = evaluate(evaluated, val_x, val_y)
-        history.val_nll.append(val.nll)
-        history.val_error.append(val.error)
+        figures = torch.zeros(2, dtype=torch.float64, device=device)
+        if rank == 0:
+            val = evaluate(evaluated, val_x, val_y)
+            figures += torch.tensor([val.nll, val.error], dtype=torch.float64, device=device)
+        if world > 1:
+            dist.broadcast(figures, 0)
+        val_nll, val_error = figures.tolist()
+        history.val_nll.append(val_nll)
+        history.val_error.append(val_error)
         if scheduler is not None:
-            scheduler.step(val.nll)
-        stop = stopper.update(epoch, val.nll, evaluated)
-        bar.set_postfix(val_nll=f"{val.nll:.4f}", val_err=f"{val.error:.4f}", patience=stopper.patience_left)
+            scheduler.step(val_nll)
+        stop = stopper.update(epoch, val_nll, evaluated)
+        bar.set_postfix(val_nll=f"{val_nll:.4f}", val_err=f"{val_error:.4f}", patience=stopper.patience_left)
         if stop:
             break
     bar.close()
     stopper.restore_best(model)
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)  # export and evaluation expect the default layout
     history.best_epoch = stopper.best_epoch
     history.epochs_run = len(history.val_nll)
     history.train_seconds = time.perf_counter() - started

@@ -18,22 +18,48 @@ class Arch:
 # The original notebook's setting, kept exactly for a faithful reproduction.
 SEED_RECIPE = Recipe(optimizer="adamax", lr=1e-3, weight_decay=1e-5, batch_size=64)
 
-# Improved digits recipe, every choice made on the validation split:
-# - AdamW with decoupled weight decay 5e-4: BN nets overfit 1000 digits quickly without it;
-# - batch 128, lr 2e-3: half the optimizer steps of batch 64 at the same val NLL, so faster on CPU;
-# - lr / 10 after 6 epochs without val improvement: the val NLL floor drops once the noise of
-#   augmentation is averaged out, well inside the 20-epoch early-stopping patience;
-# - random affine warps (+-10 degrees, +-10 % zoom, +-1 px shift): the test writers slant and
-#   size their digits differently from the training writers; this alone halved test errors on val-
-#   chosen settings.
-DIGITS_RECIPE = Recipe(optimizer="adamw", lr=2e-3, weight_decay=5e-4, batch_size=128, lr_decay_patience=6,
-                       rotate_degrees=10.0, zoom=0.1, shift=1.0)
+# Improved digits recipes. Every choice was made on mean validation NLL over seeds 0-2 (the test
+# split is only reported); the sweeps are summarised in bench/RESULTS.md.
+# - AdamW, decoupled weight decay 5e-4: BatchNorm nets overfit 1000 digits within a few epochs without it.
+# - batch 128: half the optimizer steps per epoch of batch 64, so faster epochs on 2 CPU cores.
+# - random affine warps (+-10 degrees, +-10 % zoom, +-1 px shift): writers slant, size and place
+#   digits differently; mean val NLL 0.0137 against 0.0173 for integer shifts alone (CNN).
+#   Stronger warps (15 degrees, 15 %) and label smoothing 0.05 were worse on val (0.0153, 0.0578).
+DIGITS_CNN_RECIPE = Recipe(optimizer="adamw", lr=2e-3, weight_decay=5e-4, batch_size=128, rotate_degrees=10.0,
+                           zoom=0.1, shift=1.0,
+                           # lr / 10 after 6 flat epochs: the val NLL floor drops once the lr noise is gone,
+                           # well inside the 20-epoch early-stopping patience.
+                           lr_decay_patience=6)
+# The MLP sees the augmentation noise directly in its val NLL, and early stopping then fired on a bad
+# epoch (best epochs 5-28, mean val NLL 0.055 at best). Validating an EMA of the weights (decay 0.99,
+# ~12 epochs) instead: val NLL 0.034. The CNN starts slowly (val NLL ~2.3 for the first epochs), so an
+# EMA there stays near the random init for too long and early stopping fires; it trains without.
+DIGITS_MLP_RECIPE = Recipe(optimizer="adamw", lr=1e-3, weight_decay=5e-4, batch_size=128, rotate_degrees=10.0,
+                           zoom=0.1, shift=1.0, ema_decay=0.99)
 
 DIGITS_ARCHS = {
     "seed-mlp": Arch(models.seed_mlp, SEED_RECIPE, "original MLP 64-256-10, sigmoid, Adamax"),
     "seed-cnn": Arch(models.seed_cnn, SEED_RECIPE, "original CNN 32-64 conv, sigmoid, Adamax"),
-    "mlp": Arch(models.digits_mlp, DIGITS_RECIPE, "MLP 64-512-512-10, BN, GELU, dropout, affine augmentation"),
-    "cnn": Arch(models.digits_cnn, DIGITS_RECIPE, "CNN 5 conv (32-128), BN, GELU, dropout, affine augmentation"),
+    "mlp": Arch(models.digits_mlp, DIGITS_MLP_RECIPE,
+                "MLP 64-1024-1024-10, BN, GELU, dropout, affine augmentation, weight EMA"),
+    "cnn": Arch(models.digits_cnn, DIGITS_CNN_RECIPE,
+                "CNN 5 conv (32-128), BN, GELU, global pool, dropout, affine augmentation"),
 }
 
-ARCHS = {"digits": DIGITS_ARCHS}
+# SVHN (real SVHN is not reachable from the development machines: these values are set from the
+# airbench/ResNet literature and checked on synthetic crops only; see bench/RESULTS.md).
+# - batch 512, AdamW lr 2e-3, weight decay 5e-2: large batches keep the GPU busy; decoupled decay
+#   suits AdamW's scale-free updates.
+# - label smoothing 0.1: SVHN labels are noisy (neighbouring digits in the crop); smoothing keeps the
+#   model from betting everything on one of them.
+# - random translation by up to 2 px with reflect padding, and 8 px cutout: house numbers are not
+#   centred exactly and are often partly occluded; never flips (a mirrored 2 is not a 2).
+# - EMA of the weights (decay 0.99, ~1 epoch of 130 steps), bias-corrected: a smoother model to
+#   validate and keep, which is not dragged back to the random init during the slow first epochs.
+# - lr / 10 after 2 flat epochs, inside the 5-epoch early-stopping patience.
+SVHN_RECIPE = Recipe(optimizer="adamw", lr=2e-3, weight_decay=5e-2, batch_size=512, label_smoothing=0.1,
+                     shift=2, pad_mode="reflect", cutout=8, ema_decay=0.99, ema_bias_correction=True,
+                     lr_decay_patience=2)
+SVHN_ARCHS = {"cnn": Arch(models.svhn_cnn, SVHN_RECIPE, "airbench-style CNN 32-64-256-256, BN, GELU, ~2.0M parameters")}
+
+ARCHS = {"digits": DIGITS_ARCHS, "svhn": SVHN_ARCHS}

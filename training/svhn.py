@@ -1,0 +1,158 @@
+"""SVHN format 2 (32x32 cropped digits): the official .mat files, a leak-free validation split,
+and a generator of synthetic crops in the exact official layout (SVHN is not reachable here).
+
+Official layout: `X` uint8 [32, 32, 3, N], `y` [N, 1] with 10 meaning digit 0. The `extra` split
+is never used.
+"""
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+
+FILES = {  # split -> (file name, official MD5), as torchvision's SVHN dataset checks them
+    "train": ("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373"),
+    "test": ("test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3"),
+}
+MIN_VAL_FRACTION = 0.1
+
+INPUT_SPEC = {"name": "pixels", "shape": [None, 3, 32, 32], "dtype": "uint8", "range": [0, 255],
+              "layout": "NCHW", "color": "RGB"}
+
+
+class DataError(Exception):
+    """Missing, corrupt or malformed SVHN files: reported as one line, nothing written."""
+
+
+@dataclass
+class Arrays:
+    x: np.ndarray  # N x 3 x 32 x 32 uint8
+    y: np.ndarray  # N int64, 0..9
+
+
+def md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_split(data_dir: Path, split: str, verify_md5: bool = True) -> Arrays:
+    """One official split from `data_dir`, checked: MD5, shapes, dtype, label range."""
+    name, expected_md5 = FILES[split]
+    path = data_dir / name
+    hint = f"put the official SVHN files {FILES['train'][0]} and {FILES['test'][0]} in {data_dir} or pass --download"
+    if not path.is_file():
+        raise DataError(f"{path} is missing: {hint}")
+    if verify_md5 and md5(path) != expected_md5:
+        raise DataError(f"{path} is corrupt (MD5 differs from the official {expected_md5}): {hint}")
+    try:
+        mat = scipy.io.loadmat(path)  # MATLAB v5 parser: no pickle involved
+    except Exception as err:  # scipy raises several types for unreadable files
+        raise DataError(f"{path} is not a readable .mat file: {err}") from None
+    x, y = mat.get("X"), mat.get("y")
+    if not isinstance(x, np.ndarray) or x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.dtype != np.uint8:
+        raise DataError(f"{path}: X must be uint8 [32, 32, 3, N], got "
+                        f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
+    if not isinstance(y, np.ndarray) or y.size != x.shape[3] or y.ndim not in (1, 2) or y.dtype.kind not in "iuf":
+        raise DataError(f"{path}: y must hold one label per image ({x.shape[3]}), got {list(getattr(y, 'shape', []))}")
+    labels = y.reshape(-1)
+    if labels.dtype.kind == "f" and not np.array_equal(labels, np.round(labels)):
+        raise DataError(f"{path}: labels must be integers")
+    labels = labels.astype(np.int64)
+    if labels.min() < 1 or labels.max() > 10:
+        raise DataError(f"{path}: labels must lie in 1..10 (10 = digit 0), got {labels.min()}..{labels.max()}")
+    labels[labels == 10] = 0
+    return Arrays(np.ascontiguousarray(x.transpose(3, 2, 0, 1)), labels)
+
+
+def download(data_dir: Path) -> None:
+    """Fetch both official splits through torchvision (which verifies their MD5s)."""
+    from torchvision.datasets import SVHN
+    for split in FILES:
+        try:
+            SVHN(str(data_dir), split=split, download=True)
+        except Exception as err:  # network and checksum failures come as several types
+            raise DataError(f"downloading SVHN {split} into {data_dir} failed: {err}") from None
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded per-class split of the official training set into (train, val) indices.
+
+    Validation takes the same fraction of every class; train is the complement, so the two are
+    disjoint by construction (the original notebook trained on its validation images).
+    """
+    if not MIN_VAL_FRACTION <= val_fraction < 1:
+        raise DataError(f"--val-fraction must be in [{MIN_VAL_FRACTION}, 1), got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    val = []
+    for digit in range(10):
+        members = np.flatnonzero(labels == digit)
+        rng.shuffle(members)
+        val.append(members[:int(round(len(members) * val_fraction))])
+    val_idx = np.sort(np.concatenate(val))
+    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx, assume_unique=True)
+    return train_idx, val_idx
+
+
+# --- synthetic crops in the official layout ---
+
+def synthetic_crops(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """House-number-like crops: a centred digit in a DejaVu font at random size, colour and slight
+    rotation over a textured, noisy background, partial neighbour digits at the sides, then blur and
+    a contrast change. Returns X uint8 [32, 32, 3, n] and y uint8 [n, 1] with 10 for zero."""
+    from matplotlib import font_manager
+    from PIL import Image, ImageDraw, ImageFilter, ImageFont
+    rng = np.random.default_rng(seed)
+    fonts = [font_manager.findfont(font_manager.FontProperties(family=family, weight=weight))
+             for family in ("DejaVu Sans", "DejaVu Serif", "DejaVu Sans Mono") for weight in ("normal", "bold")]
+    font_cache = {}
+    x = np.empty((32, 32, 3, n), np.uint8)
+    y = rng.integers(0, 10, n)
+    canvas = 64
+    for i in range(n):
+        # background: base colour, a low-frequency texture, pixel noise
+        base = rng.uniform(20, 235, 3)
+        texture = np.asarray(Image.fromarray(rng.uniform(-40, 40, (4, 4, 3)).astype(np.float32).mean(2))
+                             .resize((canvas, canvas), Image.Resampling.BICUBIC))[..., None]
+        background = base + texture + rng.normal(0, 6, (canvas, canvas, 3))
+        # ink: far enough from the background's brightness to be readable, not always by much
+        ink = rng.uniform(0, 255, 3)
+        while abs(ink.mean() - base.mean()) < 60:
+            ink = rng.uniform(0, 255, 3)
+        size = int(rng.integers(30, 50))
+        key = (int(rng.integers(len(fonts))), size)
+        if key not in font_cache:
+            font_cache[key] = ImageFont.truetype(fonts[key[0]], key[1])
+        font = font_cache[key]
+        mask = Image.new("L", (canvas, canvas), 0)
+        draw = ImageDraw.Draw(mask)
+        centre = canvas / 2 + rng.normal(0, 1.5, 2)
+        spacing = size * rng.uniform(0.55, 0.8)
+        for offset, digit in ((-spacing, rng.integers(10)), (0, y[i]), (spacing, rng.integers(10))):
+            if offset and rng.random() < 0.25:
+                continue  # sometimes no neighbour on that side
+            draw.text((centre[0] + offset, centre[1]), str(int(digit)), fill=255, font=font, anchor="mm")
+        mask = mask.rotate(rng.uniform(-12, 12), resample=Image.Resampling.BILINEAR)
+        alpha = np.asarray(mask, np.float32)[..., None] / 255
+        image = background * (1 - alpha) + ink * alpha
+        image = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).resize((32, 32), Image.Resampling.LANCZOS)
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.0)))
+        pixels = np.asarray(image, np.float32)
+        pixels = (pixels - pixels.mean()) * rng.uniform(0.5, 1.2) + pixels.mean() + rng.normal(0, 4, pixels.shape)
+        x[..., i] = np.clip(pixels, 0, 255).astype(np.uint8)
+    labels = np.where(y == 0, 10, y).astype(np.uint8).reshape(n, 1)
+    return x, labels
+
+
+def write_synthetic(data_dir: Path, n_train: int, n_test: int, seed: int) -> None:
+    """train_32x32.mat and test_32x32.mat of synthetic crops, in the official layout."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for split, n, split_seed in (("train", n_train, seed), ("test", n_test, seed + 1)):
+        x, y = synthetic_crops(n, split_seed)
+        path = data_dir / FILES[split][0]
+        staging = path.with_suffix(".tmp.mat")
+        scipy.io.savemat(staging, {"X": x, "y": y})
+        staging.replace(path)
