@@ -86,15 +86,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model {name} unavailable: {reason}", file=sys.stderr)
     print(f"serving {', '.join(sorted(service.ready_models))} with {config.backend} on http://{config.host}:{config.port}",
           file=sys.stderr)
+    main_pid = os.getpid()
+
+    def stop_gracefully(signum, frame):
+        """SIGTERM (docker stop, Kubernetes) takes LitServe's graceful path, as Ctrl-C does: the HTTP
+        process stops accepting and finishes in-flight requests, then the workers stop, then we exit 0.
+        LitServe's forked children inherit this handler; there, SIGTERM (sent by the main process
+        once they may go) just ends the process."""
+        if os.getpid() == main_pid:
+            raise KeyboardInterrupt
+        sys.exit(0)
+
     signal.signal(signal.SIGTERM, stop_gracefully)
     server.run(host=config.host, port=config.port, generate_client_file=False, log_level="warning")
     return 0
-
-
-def stop_gracefully(signum, frame):
-    """SIGTERM (docker stop, Kubernetes) takes LitServe's graceful path, as Ctrl-C does: the HTTP
-    process stops accepting and finishes in-flight requests, then the workers stop, then we exit 0."""
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -22,8 +22,12 @@ class OnnxBackend:
         if device == "cuda" and "CUDAExecutionProvider" not in available:
             raise RuntimeError("--device cuda: this ONNX Runtime has no CUDAExecutionProvider "
                                "(install onnxruntime-gpu)")
-        providers = (["CUDAExecutionProvider"] if cuda_wanted(device) and "CUDAExecutionProvider" in available
-                     else []) + ["CPUExecutionProvider"]
+        use_cuda = cuda_wanted(device) and "CUDAExecutionProvider" in available
+        if use_cuda:
+            # CUDA and cuDNN from NVIDIA's pip wheels (the container's choice) are not on the loader's
+            # path: ONNX Runtime loads them from site-packages itself.
+            ort.preload_dlls()
+        providers = (["CUDAExecutionProvider"] if use_cuda else []) + ["CPUExecutionProvider"]
         options = ort.SessionOptions()
         # Small graphs: one intra-op thread per worker beats contention between workers on few cores.
         options.intra_op_num_threads = int(os.environ.get("DIGITSERVE_ORT_THREADS", "1"))
