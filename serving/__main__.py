@@ -5,6 +5,7 @@ on the command line wins over the variable.
 """
 import argparse
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -55,12 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=env_default("device", defaults.device),
                    help="DIGITSERVE_DEVICE: auto takes the GPU when one is usable")
     p.add_argument("--max-batch-size", type=positive(int), default=env_default("max_batch_size", defaults.max_batch_size, int),
-                   help="DIGITSERVE_MAX_BATCH_SIZE: requests LitServe may batch into one inference call (64)")
+                   help="DIGITSERVE_MAX_BATCH_SIZE: images batched into one inference call (64)")
     p.add_argument("--batch-timeout", type=non_negative_float,
                    default=env_default("batch_timeout", defaults.batch_timeout, float),
-                   help="DIGITSERVE_BATCH_TIMEOUT: seconds a batch waits to fill (0.002)")
+                   help="DIGITSERVE_BATCH_TIMEOUT: extra seconds a batch waits to fill (0: it holds whatever "
+                        "arrived while the previous batch ran)")
     p.add_argument("--workers", type=positive(int), default=env_default("workers", defaults.workers, int),
-                   help="DIGITSERVE_WORKERS: inference worker processes per device (1)")
+                   help="DIGITSERVE_WORKERS: HTTP processes, each with its own warm models and batcher (2)")
     p.add_argument("--max-payload-bytes", type=positive(int),
                    default=env_default("max_payload_bytes", defaults.max_payload_bytes, int),
                    help="DIGITSERVE_MAX_PAYLOAD_BYTES: larger request bodies get 413 (1 MiB)")
@@ -98,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, stop_gracefully)
-    server.run(host=config.host, port=config.port, generate_client_file=False, log_level="warning")
+    try:
+        server.run(host=config.host, port=config.port, num_api_servers=config.workers, generate_client_file=False,
+                   log_level="warning")
+    finally:
+        shutil.rmtree(service.metrics.folder, ignore_errors=True)
     return 0
 
 

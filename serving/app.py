@@ -1,11 +1,15 @@
 """The HTTP side: a LitServe server whose FastAPI app carries the digitserve routes.
 
-LitServe owns the process layout, the queue to the inference workers and the dynamic batching.
-The routes here decode and validate uploads (so a bad one fails alone), hand clean arrays to
-LitServe's request handler, and shape the answers: /predict, /models, the KServe v2 protocol,
-/health, /ready, /metrics and the web page.
+LitServe owns the app, the HTTP processes (`--workers`), their start-up, readiness and graceful
+shutdown. The routes here decode and validate uploads (so a bad one fails alone), hand clean arrays
+to the LitAPI's batched predict through an in-process dynamic batcher (serving/batcher.py says why
+not through LitServe's worker queue), and shape the answers: /predict, /models, the KServe v2
+protocol, /health, /ready, /metrics and the web page.
 """
+import asyncio
+import contextlib
 import hmac
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +19,14 @@ import litserve as ls
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
-from litserve.server import RegularRequestHandler
 from litserve.utils import WorkerSetupStatus
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from serving import images, registry
 from serving.api import ClassifierAPI
-from serving.metrics import Metrics
+from serving.batcher import DynamicBatcher
+from serving.metrics import FLUSH_SECONDS, Metrics
 
 STATIC = Path(__file__).parent / "static"
 MAX_IMAGES_PER_REQUEST = 256
@@ -38,8 +42,8 @@ class Config:
     backend: str = "onnx"
     device: str = "auto"
     max_batch_size: int = 64
-    batch_timeout: float = 0.002
-    workers: int = 1
+    batch_timeout: float = 0.0
+    workers: int = 2
     api_key: str | None = None
     max_payload_bytes: int = 1 << 20
     request_timeout: float = 30.0
@@ -157,15 +161,17 @@ class Service:
             self.task_specs.setdefault(task, entry.manifest["input"])
             if task not in self.defaults or name == f"{task}-cnn":
                 self.defaults[task] = name
-        self.metrics = Metrics()
+        self.metrics: Metrics | None = None
         self.server: ls.LitServer | None = None
-        self.handler: RegularRequestHandler | None = None
+        self.batcher: DynamicBatcher | None = None
 
     # --- state ---
 
     def workers_ready(self) -> bool:
+        """This process's models are warm and batching, and LitServe reports its workers set up."""
         status = self.server.workers_setup_status if self.server else None
-        return bool(status) and all(v == WorkerSetupStatus.READY for v in status.values())
+        litserve_ready = bool(status) and all(v == WorkerSetupStatus.READY for v in status.values())
+        return litserve_ready and self.batcher is not None and self.batcher.ready
 
     def model_status(self) -> dict[str, str]:
         ready = "ready" if self.workers_ready() else "loading"
@@ -187,8 +193,8 @@ class Service:
     # --- inference through LitServe ---
 
     async def infer(self, items: list[tuple[str, np.ndarray]]) -> dict:
-        """Queue one request's arrays for the LitServe worker; they may share a batch with others."""
-        result = await self.handler.handle_request({"items": items}, dict)
+        """Queue one request's arrays for the batcher; they may share an inference call with others."""
+        result = await self.batcher.submit(items)
         counts = {}
         for name, _ in items:
             counts[name] = counts.get(name, 0) + 1
@@ -219,6 +225,35 @@ class Service:
             return self.default_model("svhn" if colour or "digits" not in self.defaults else "digits")
         names = " or ".join(f"{w}x{h}" for h, w in (images.spec_size(s) for s in self.task_specs.values()))
         raise images.InputError(422, f"image is {width}x{height}; accepted sizes: {names} (or pass resize=true)")
+
+
+class RequestMetrics:
+    """Counts every HTTP request by model, route template, method and status, with its latency.
+
+    Plain ASGI (not BaseHTTPMiddleware, which costs a task and a stream per request)."""
+
+    def __init__(self, app, service: "Service"):
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_note(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            model = scope.get("path_params", {}).get("name") or scope.get("state", {}).get("model", "")
+            self.service.metrics.record_request(model, route, scope["method"], status,
+                                                time.perf_counter() - started)
 
 
 def error_response(status: int, message: str) -> JSONResponse:
@@ -272,16 +307,7 @@ def install_routes(app: FastAPI, service: Service) -> None:
     async def input_error(request: Request, exc: images.InputError):
         return error_response(exc.status, exc.message)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        model = request.path_params.get("name") or getattr(request.state, "model", "")
-        service.metrics.record_request(model, path, request.method, response.status_code,
-                                       time.perf_counter() - started)
-        return response
+    app.add_middleware(RequestMetrics, service=service)
 
     # --- liveness, readiness, metrics, page ---
 
@@ -535,9 +561,12 @@ def build_server(config: Config) -> tuple[ls.LitServer, Service]:
     service = Service(config)
     models = {name: {"path": str(e.artifact_path(config.backend)), "input": e.manifest["input"]}
               for name, e in service.ready_models.items()}
-    api = ClassifierAPI(models, config.backend, config.device, config.max_batch_size, config.batch_timeout)
     accelerator = "cuda" if config.device in ("cuda", "auto") and _cuda_present() else "cpu"
-    server = ls.LitServer(api, accelerator=accelerator, devices=1, workers_per_device=config.workers,
+    # LitServe always launches a worker process for its LitAPI; ours sets the models up there too
+    # (its readiness is part of /ready) but receives no requests: with max_batch_size 1 its loop
+    # blocks on the queue instead of polling it.
+    litserve_api = ClassifierAPI(models, config.backend, config.device, max_batch_size=1, batch_timeout=0.0)
+    server = ls.LitServer(litserve_api, accelerator=accelerator, devices=1, workers_per_device=1,
                           timeout=config.request_timeout)
     server.uvicorn_graceful_timeout = GRACEFUL_SHUTDOWN_SECONDS
     # LitServe's own "/", "/health", "/info" and "/predict" give way to the routes below.
@@ -546,9 +575,37 @@ def build_server(config: Config) -> tuple[ls.LitServer, Service]:
     server.app.title = "digitserve"
     server.app.description = "Digit classification (8x8 digits, 32x32 SVHN) over exported ONNX/TorchScript models."
     service.server = server
-    service.handler = RegularRequestHandler(api, server)
+    metrics_folder = Path(tempfile.mkdtemp(prefix="digitserve-metrics-"))
+    service.metrics = Metrics(metrics_folder)
+    batched_api = ClassifierAPI(models, config.backend, config.device, config.max_batch_size, config.batch_timeout)
+    install_lifespan(server.app, service, batched_api)
     install_routes(server.app, service)
     return server, service
+
+
+def install_lifespan(app: FastAPI, service: Service, api: ClassifierAPI) -> None:
+    """Each HTTP process loads and warms its models before accepting connections, and flushes its
+    metrics for the other processes' /metrics answers."""
+    litserve_lifespan = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        async with litserve_lifespan(app):
+            service.batcher = DynamicBatcher(api, service.config.max_batch_size, service.config.batch_timeout)
+            service.batcher.start()
+            flusher = asyncio.get_running_loop().create_task(flush_metrics(service.metrics))
+            try:
+                yield
+            finally:
+                flusher.cancel()
+                await service.batcher.stop()
+    app.router.lifespan_context = lifespan
+
+
+async def flush_metrics(metrics: Metrics) -> None:
+    while True:
+        await asyncio.sleep(FLUSH_SECONDS)
+        metrics.flush()
 
 
 def _cuda_present() -> bool:

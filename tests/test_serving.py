@@ -4,6 +4,7 @@ import base64
 import io
 import json
 import shutil
+import time
 
 import httpx
 import numpy as np
@@ -312,6 +313,10 @@ def test_metrics_counters_move(client):
     before = count()
     for _ in range(3):
         client.post("/predict", json={"model": "digits-mlp", "pixels": [np.zeros((8, 8)).tolist()]})
+    # each HTTP process publishes its counters at least once a second; the scrape merges them all
+    deadline = time.monotonic() + 5
+    while count() != before + 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert count() == before + 3
     text = client.get("/metrics").text
     assert 'digitserve_model_status{model="digits-broken",status="unavailable"} 1' in text
