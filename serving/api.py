@@ -1,8 +1,13 @@
-"""The LitServe API: the inference worker's side of the service.
+"""The LitServe API: the models and the one batched inference call.
 
-Requests reach `predict` already decoded and validated by the HTTP side (serving/app.py), as a list
-of (model name, C x H x W array). Decoding there, not in `decode_request`, is deliberate: LitServe
-fails every request of a batch when one of them raises, and a bad upload must only fail itself.
+`setup` loads every served model on its backend and warms it; `predict` takes a batch of requests,
+each a list of (model name, C x H x W array) already decoded and validated by the HTTP side, makes
+one backend call per model for everything in the batch, and splits the answers back per request.
+Decoding happens on the HTTP side, not in `decode_request`: in LitServe an exception there fails
+every request of the batch, and a bad upload must only fail itself.
+
+Each HTTP process runs this API's `predict` behind its own dynamic batcher (serving/batcher.py).
+LitServe also sets it up in the worker process it always starts, which receives no requests.
 """
 from collections import defaultdict
 from pathlib import Path
@@ -16,16 +21,18 @@ WARMUP_BATCH_SIZES = (1, 8)
 
 
 class ClassifierAPI(ls.LitAPI):
-    def __init__(self, models: dict[str, dict], backend: str, device: str, max_batch_size: int, batch_timeout: float):
+    def __init__(self, models: dict[str, dict], backend: str, device: str, max_batch_size: int):
         """`models`: name -> {"path": artifact file, "input": manifest input spec}."""
-        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/predict")
+        super().__init__(max_batch_size=max_batch_size, api_path="/predict")
         self.models = models
         self.backend_name = backend
         self.device_choice = device
         self.runners = {}
 
     def setup(self, device):
-        """Load every model and run it once per warm-up size, so the first real request is not slow."""
+        """Load every model and run it once per warm-up size, so the first real request is not slow.
+
+        `device` is LitServe's; the backend follows --device (auto, cpu, cuda) on its own."""
         backend = BACKENDS[self.backend_name]
         for name, model in self.models.items():
             spec = model["input"]
@@ -34,19 +41,8 @@ class ClassifierAPI(ls.LitAPI):
                 runner(np.zeros([size] + spec["shape"][1:], dtype=spec["dtype"]))
             self.runners[name] = runner
 
-    def decode_request(self, request: dict) -> list[tuple[str, np.ndarray]]:
-        return request["items"]
-
-    def batch(self, inputs: list) -> list:
-        return inputs
-
-    def predict(self, x):
-        requests = x if self.max_batch_size > 1 else [x]
-        outputs = self.run_grouped(requests)
-        return outputs if self.max_batch_size > 1 else outputs[0]
-
-    def run_grouped(self, requests: list[list[tuple[str, np.ndarray]]]) -> list[dict]:
-        """One backend call per model for everything queued together; answers split back per request."""
+    def predict(self, requests: list[list[tuple[str, np.ndarray]]]) -> list[dict]:
+        """One backend call per model for everything batched together; answers split back per request."""
         by_model = defaultdict(list)  # name -> [(request index, item index, array)]
         for r, items in enumerate(requests):
             for i, (name, array) in enumerate(items):
@@ -58,9 +54,3 @@ class ClassifierAPI(ls.LitAPI):
                 log_probs[r][i] = row
         shared = sum(len(items) for items in requests)
         return [{"log_probs": rows, "batch_size": shared} for rows in log_probs]
-
-    def unbatch(self, output: list) -> list:
-        return output
-
-    def encode_response(self, output: dict) -> dict:
-        return output

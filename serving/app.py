@@ -565,7 +565,7 @@ def build_server(config: Config) -> tuple[ls.LitServer, Service]:
     # LitServe always launches a worker process for its LitAPI; ours sets the models up there too
     # (its readiness is part of /ready) but receives no requests: with max_batch_size 1 its loop
     # blocks on the queue instead of polling it.
-    litserve_api = ClassifierAPI(models, config.backend, config.device, max_batch_size=1, batch_timeout=0.0)
+    litserve_api = ClassifierAPI(models, config.backend, config.device, max_batch_size=1)
     server = ls.LitServer(litserve_api, accelerator=accelerator, devices=1, workers_per_device=1,
                           timeout=config.request_timeout)
     server.uvicorn_graceful_timeout = GRACEFUL_SHUTDOWN_SECONDS
@@ -577,7 +577,7 @@ def build_server(config: Config) -> tuple[ls.LitServer, Service]:
     service.server = server
     metrics_folder = Path(tempfile.mkdtemp(prefix="digitserve-metrics-"))
     service.metrics = Metrics(metrics_folder)
-    batched_api = ClassifierAPI(models, config.backend, config.device, config.max_batch_size, config.batch_timeout)
+    batched_api = ClassifierAPI(models, config.backend, config.device, config.max_batch_size)
     install_lifespan(server.app, service, batched_api)
     install_routes(server.app, service)
     return server, service

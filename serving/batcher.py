@@ -3,10 +3,11 @@
 LitServe's own request path hands every request to a separate worker process through a
 multiprocessing.Manager queue (an IPC round trip per request, plus a worker polling that queue
 every millisecond). On a 2-core machine that path ran at 0.2x the throughput of a plain FastAPI +
-ONNX Runtime endpoint (bench/RESULTS.md). Here the LitAPI's own batching (`run_grouped`) runs in
+ONNX Runtime endpoint (bench/RESULTS.md). Here the LitAPI's own batching (`predict`) runs in
 the process that parsed the request: requests queue in memory, the batch is whatever arrived while
-the previous batch ran (plus up to `batch_timeout`), and inference runs in a thread, since ONNX
-Runtime and torch release the GIL, while the event loop keeps parsing requests.
+the previous batch ran (plus up to `batch_timeout`, up to `max_batch_size` images), and the LitAPI's
+`predict` runs in a thread, since ONNX Runtime and torch release the GIL, while the event loop
+keeps parsing requests.
 """
 import asyncio
 import gc
@@ -63,7 +64,7 @@ class DynamicBatcher:
                 await asyncio.sleep(self.batch_timeout)
                 self.take_waiting(batch, images)
             try:
-                outputs = await asyncio.to_thread(self.api.run_grouped, [items for items, _ in batch])
+                outputs = await asyncio.to_thread(self.api.predict, [items for items, _ in batch])
             except Exception as err:  # a backend failure fails this batch's requests, not the batcher
                 for _, future in batch:
                     if not future.done():

@@ -351,6 +351,26 @@ def test_api_key_guards_prediction_and_model_routes(exports):
         process.stop()
 
 
+def test_torchscript_backend_serves_the_same_predictions(exports, client, test_digits):
+    images, _ = test_digits
+    body = {"model": "digits-mlp", "pixels": [images[i].tolist() for i in range(5)]}
+    onnx_predictions = client.post("/predict", json=body).json()["predictions"]
+    process = ServerProcess(exports, args=("--backend", "torchscript"))
+    try:
+        process.wait_ready()
+        with httpx.Client(base_url=process.url, timeout=30) as c:
+            assert c.get("/models").json()["backend"] == "torchscript"
+            predictions = c.post("/predict", json=body).json()["predictions"]
+            v2 = c.post("/v2/models/svhn-tiny/infer", json={"inputs": [{"name": "pixels", "shape": [1, 3, 32, 32],
+                        "datatype": "UINT8", "data": synthetic_svhn(1, seed=5)[0].ravel().tolist()}]})
+            assert v2.status_code == 200
+    finally:
+        process.stop()
+    for ts, ort in zip(predictions, onnx_predictions):
+        assert ts["label"] == ort["label"]
+        assert np.allclose(ts["probabilities"], ort["probabilities"], atol=1e-5)
+
+
 def test_no_usable_model_refuses_to_start(tmp_path, cli):
     (tmp_path / "exports").mkdir()
     shutil.copy(ROOT / "exports" / "manifest.schema.json", tmp_path / "exports")

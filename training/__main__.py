@@ -46,7 +46,7 @@ def positive_int(text: str) -> int:
 
 
 def write_run(metrics: dict, model: torch.nn.Module, history, test_x: torch.Tensor, test_y: torch.Tensor,
-              input_spec: dict, out: Path, embed_test_set: bool, extra_arrays: dict | None = None) -> Path:
+              input_spec: dict, out: Path, embed_test_set: bool, splits: dict | None = None) -> Path:
     """The run folder, atomically: checkpoint, metrics.json, curves, export/TASK-ARCH/ (servable)."""
     task, arch, seed = metrics["task"], metrics["arch"], metrics["seed"]
     final = out / f"{task}-{arch}-seed{seed}-{utc_stamp()}"
@@ -54,8 +54,8 @@ def write_run(metrics: dict, model: torch.nn.Module, history, test_x: torch.Tens
     with atomic_folder(final) as staging:
         torch.save(model.state_dict(), staging / "model.pt")
         write_json(staging / "metrics.json", metrics)
-        if extra_arrays:
-            np.savez(staging / "splits.npz", **extra_arrays)
+        if splits:  # the exact train/val indices, so the split can be audited and reproduced
+            np.savez(staging / "splits.npz", **splits)
         plot_curves(staging / "curves", history.val_nll, history.val_error, test["nll"], test["error"],
                     f"{task} {arch} (seed {seed}): best epoch {history.best_epoch}")
         export_model(model, metrics, final, input_spec, test_x, test_y, f"{task}-{arch}", staging / "export",
@@ -129,7 +129,7 @@ def train_svhn(args) -> tuple[Path, dict] | None:
         metrics = run_metrics("svhn", "cnn", spec.summary, args.seed, config, device, started, history, result)
         metrics["images_per_second"] = round(history.epochs_run * len(train_idx) / history.train_seconds, 1)
         run_dir = write_run(metrics, model, history, test_x, test_y, svhn.INPUT_SPEC, args.out, embed_test_set=False,
-                            extra_arrays={"train_indices": train_idx, "val_indices": val_idx})
+                            splits={"train_indices": train_idx, "val_indices": val_idx})
         return run_dir, metrics
     finally:
         if world > 1:

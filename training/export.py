@@ -4,7 +4,6 @@ The exported graph takes pixels as the service receives them and returns log-pro
 Every export runs the test split through both artifacts, checks them against the PyTorch model, and
 records the metrics measured on the ONNX artifact: the served model is the measured model.
 """
-import hashlib
 import json
 import os
 import pickle
@@ -15,12 +14,12 @@ import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
-import jsonschema
 import numpy as np
 import onnx
 import onnxruntime
 import torch
 
+from serving import registry  # the reading side of the manifest contract, reused to check writes
 from training.recipes import ARCHS
 from training.runs import atomic_folder, plot_curves, write_json
 
@@ -37,24 +36,11 @@ class ExportError(Exception):
     """The run cannot be exported, or the artifacts disagree with the model: nothing was written."""
 
 
-def load_schema() -> dict:
-    return json.loads(SCHEMA_PATH.read_text())
-
-
 def validate_manifest(manifest: dict, schema: dict) -> None:
-    """Raise ExportError naming every violation as `path: message`."""
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(manifest), key=lambda e: list(e.path))
-    if errors:
-        raise ExportError("manifest invalid: " + "; ".join(
-            f"{'/'.join(map(str, e.path)) or '(root)'}: {e.message}" for e in errors))
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Raise ExportError naming every violation (the same check the server applies on reading)."""
+    problems = registry.schema_errors(manifest, schema)
+    if problems:
+        raise ExportError("manifest invalid: " + "; ".join(problems))
 
 
 def log_softmax_nll(log_probs: np.ndarray, labels: np.ndarray) -> dict:
@@ -96,7 +82,7 @@ def export_model(model: torch.nn.Module, run: dict, run_dir: Path, input_spec: d
     `embed_test_set` stores the test split beside the artifacts (small sets only, e.g. digits: 114 KB)
     so the server can re-measure the served model without any training code or download.
     """
-    schema = load_schema()
+    schema = registry.load_schema(SCHEMA_PATH.parent)
     if not re.fullmatch(schema["properties"]["name"]["pattern"], name):
         raise ExportError(f"export name {name!r} must match {schema['properties']['name']['pattern']}")
     model = model.cpu().eval()
@@ -119,13 +105,13 @@ def export_model(model: torch.nn.Module, run: dict, run_dir: Path, input_spec: d
         plot_curves(staging / "curves", run["val_nll"], run["val_error"], test["nll"], test["error"],
                     f"{name}: best epoch {run['best_epoch']}, test error {test['errors']}/{test['n']}")
         (staging / "curves.pdf").unlink()  # the service shows the PNG; the PDF stays in the run folder
-        onnx_sha = sha256(onnx_path)
+        onnx_sha = registry.sha256(onnx_path)
         now = datetime.now(timezone.utc)
         test_set = {}
         if embed_test_set:
             # np.savez stores plain arrays; the server reads them back with allow_pickle=False.
             np.savez(staging / "test_set.npz", x=test_x.numpy(), y=labels)
-            test_set = {"test_set": {"file": "test_set.npz", "sha256": sha256(staging / "test_set.npz"), "n": len(labels)}}
+            test_set = {"test_set": {"file": "test_set.npz", "sha256": registry.sha256(staging / "test_set.npz"), "n": len(labels)}}
         manifest = {
             "schema_version": 1, "name": name, "version": f"{now:%Y%m%dT%H%M%SZ}-{onnx_sha[:8]}",
             "task": run["task"], "arch": run["arch"], "summary": run.get("summary", ""),
@@ -134,7 +120,7 @@ def export_model(model: torch.nn.Module, run: dict, run_dir: Path, input_spec: d
             "labels": LABELS,
             "artifacts": {
                 "onnx": {"file": onnx_path.name, "sha256": onnx_sha, "bytes": onnx_path.stat().st_size, "opset": ONNX_OPSET},
-                "torchscript": {"file": ts_path.name, "sha256": sha256(ts_path), "bytes": ts_path.stat().st_size},
+                "torchscript": {"file": ts_path.name, "sha256": registry.sha256(ts_path), "bytes": ts_path.stat().st_size},
             },
             "curves": "curves.png",
             **test_set,

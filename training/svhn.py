@@ -32,11 +32,8 @@ class Arrays:
 
 
 def md5(path: Path) -> str:
-    digest = hashlib.md5()
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def load_split(data_dir: Path, split: str, verify_md5: bool = True) -> Arrays:
