@@ -1,11 +1,13 @@
 """The comparison point for bench/serve.py: a minimal FastAPI + ONNX Runtime endpoint.
 
 One uvicorn process; decodes the uploaded PNG with Pillow and runs the same ONNX artifact per
-request, with no batching, validation or metrics. Not part of the service.
+request (grayscale digits scaled to the model's range, or RGB crops as uint8), with no batching,
+validation or metrics. Not part of the service.
 
     python bench/fastapi_baseline.py EXPORT_FOLDER PORT
 """
 import io
+import json
 import sys
 
 import numpy as np
@@ -18,14 +20,18 @@ folder, port = sys.argv[1], int(sys.argv[2])
 options = ort.SessionOptions()
 options.intra_op_num_threads = 1
 session = ort.InferenceSession(f"{folder}/model.onnx", options, providers=["CPUExecutionProvider"])
+spec = json.loads(open(f"{folder}/model.json").read())["input"]
 app = FastAPI()
 
 
 @app.post("/predict")
 async def predict(file: UploadFile):
-    image = Image.open(io.BytesIO(await file.read())).convert("L")
-    x = (np.asarray(image, dtype=np.float32) * (16 / 255))[None, None]
-    log_probs = session.run(None, {"pixels": x})[0][0]
+    image = Image.open(io.BytesIO(await file.read()))
+    if spec["color"] == "grayscale":
+        x = (np.asarray(image.convert("L"), dtype=np.float32) * (spec["range"][1] / 255))[None, None]
+    else:
+        x = np.ascontiguousarray(np.asarray(image.convert("RGB")).transpose(2, 0, 1))[None]
+    log_probs = session.run(None, {spec["name"]: x})[0][0]
     return {"label": int(log_probs.argmax()), "probabilities": np.exp(log_probs).round(6).tolist()}
 
 

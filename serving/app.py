@@ -223,8 +223,7 @@ class Service:
         if resize:  # no exact match: colour photos go to SVHN when served, everything else to digits
             colour = image.mode not in ("1", "L", "LA", "I", "I;16", "F") and "svhn" in self.defaults
             return self.default_model("svhn" if colour or "digits" not in self.defaults else "digits")
-        names = " or ".join(f"{w}x{h}" for h, w in (images.spec_size(s) for s in self.task_specs.values()))
-        raise images.InputError(422, f"image is {width}x{height}; accepted sizes: {names} (or pass resize=true)")
+        raise images.size_error(width, height, [images.spec_size(s) for s in self.task_specs.values()])
 
 
 class RequestMetrics:
@@ -355,7 +354,7 @@ def install_routes(app: FastAPI, service: Service) -> None:
         elif content_type.startswith("application/json") or not content_type:
             inputs, options = parse_json(body)
         else:
-            raise images.InputError(415 if body else 400, f"send multipart/form-data or application/json, not {content_type!r}")
+            raise images.InputError(415, f"send multipart/form-data or application/json, not {content_type!r}")
         model = options.get("model") or query.get("model") or None
         invert = options.get("invert") or parse_bool(query.get("invert"), "invert")
         resize = options.get("resize") or parse_bool(query.get("resize"), "resize")

@@ -69,13 +69,16 @@ def to_gray_or_rgb(image: Image.Image, color: str) -> np.ndarray:
     return np.asarray(image.convert(target))  # CMYK, YCbCr, 1, ... all convert
 
 
+def size_error(width: int, height: int, accepted: list[tuple[int, int]]) -> InputError:
+    names = " or ".join(f"{w}x{h}" for h, w in accepted)
+    return InputError(422, f"image is {width}x{height}; accepted sizes: {names} (or pass resize=true)")
+
+
 def fit_size(pixels: np.ndarray, size: tuple[int, int], resize: bool, accepted: list[tuple[int, int]]) -> np.ndarray:
     if pixels.shape[:2] == size:
         return pixels
     if not resize:
-        names = " or ".join(f"{w}x{h}" for h, w in accepted)
-        raise InputError(422, f"image is {pixels.shape[1]}x{pixels.shape[0]}; accepted sizes: {names} "
-                              "(or pass resize=true)")
+        raise size_error(pixels.shape[1], pixels.shape[0], accepted)
     mode = "L" if pixels.ndim == 2 else "RGB"
     resized = Image.fromarray(pixels, mode).resize((size[1], size[0]), Image.Resampling.LANCZOS, reducing_gap=3.0)
     return np.asarray(resized)
@@ -83,7 +86,7 @@ def fit_size(pixels: np.ndarray, size: tuple[int, int], resize: bool, accepted: 
 
 def model_input(pixels8: np.ndarray, spec: dict, invert: bool) -> np.ndarray:
     """8-bit pixels (H x W or H x W x 3) -> one C x H x W array in the model's dtype and range."""
-    low, high = spec["range"]
+    high = spec["range"][1]
     if spec["color"] == "grayscale":
         values = pixels8.astype(np.float32) * (high / 255.0)  # digits: 0..255 -> 0..16
         if invert:

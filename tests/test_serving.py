@@ -217,6 +217,7 @@ def bomb_png() -> bytes:
     ({"json": {"images": ["%%%"]}}, 400, "base64"),
     ({"json": {}}, 422, "no image"),
     ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "invalid JSON"),
+    ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "multipart/form-data or application/json"),
     ({"json": {"model": "resnet", "pixels": [np.zeros((8, 8)).tolist()]}}, 404, "unknown model"),
     ({"json": {"model": "svhn-tiny", "pixels": [np.zeros((8, 8)).tolist()]}}, 422, "svhn"),
     ({"files": {"file": ("x.png", b"\0" * (1 << 20 + 1))}}, 413, "limit"),

@@ -7,6 +7,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
