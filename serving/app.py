@@ -161,6 +161,7 @@ class Service:
             self.task_specs.setdefault(task, entry.manifest["input"])
             if task not in self.defaults or name == f"{task}-cnn":
                 self.defaults[task] = name
+        self.accepted_sizes = [images.spec_size(spec) for spec in self.task_specs.values()]
         self.metrics: Metrics | None = None
         self.server: ls.LitServer | None = None
         self.batcher: DynamicBatcher | None = None
@@ -190,7 +191,7 @@ class Service:
             raise HTTPException(422, f"no {task} model is served for this image size")
         return self.ready_models[self.defaults[task]]
 
-    # --- inference through LitServe ---
+    # --- inference, through this process's batcher ---
 
     async def infer(self, items: list[tuple[str, np.ndarray]]) -> dict:
         """Queue one request's arrays for the batcher; they may share an inference call with others."""
@@ -211,8 +212,7 @@ class Service:
             entry = self.route_by_size(image, resize)
         spec = entry.manifest["input"]
         pixels = images.to_gray_or_rgb(image, spec["color"])
-        accepted = [images.spec_size(s) for s in self.task_specs.values()]
-        pixels = images.fit_size(pixels, images.spec_size(spec), resize, accepted)
+        pixels = images.fit_size(pixels, images.spec_size(spec), resize, self.accepted_sizes)
         return entry.name, images.model_input(pixels, spec, invert)
 
     def route_by_size(self, image, resize: bool) -> registry.ModelEntry:
@@ -223,7 +223,7 @@ class Service:
         if resize:  # no exact match: colour photos go to SVHN when served, everything else to digits
             colour = image.mode not in ("1", "L", "LA", "I", "I;16", "F") and "svhn" in self.defaults
             return self.default_model("svhn" if colour or "digits" not in self.defaults else "digits")
-        raise images.size_error(width, height, [images.spec_size(s) for s in self.task_specs.values()])
+        raise images.size_error(width, height, self.accepted_sizes)
 
 
 class RequestMetrics:
