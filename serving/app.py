@@ -520,11 +520,11 @@ def v2_tensor(tensor: V2Tensor, spec: dict) -> np.ndarray:
         raise HTTPException(400, "data must be numbers") from None
     if flat.size != int(np.prod(tensor.shape)):
         raise HTTPException(400, f"data has {flat.size} values; shape {tensor.shape} needs {int(np.prod(tensor.shape))}")
-    low, high = spec["range"]
-    if not np.isfinite(flat).all() or flat.min() < low or flat.max() > high:
-        raise HTTPException(400, f"values must lie in [{low:g}, {high:g}]")
     if tensor.datatype == "UINT8" and not np.array_equal(flat, np.round(flat)):
         raise HTTPException(400, "UINT8 data must be integers")
+    problem = images.value_problem(flat, spec)
+    if problem:
+        raise HTTPException(400, problem)
     return flat.reshape(tensor.shape).astype(spec["dtype"])
 
 

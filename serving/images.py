@@ -115,6 +115,16 @@ def decode_base64(text: object) -> bytes:
         raise InputError(400, "images[] entry is not valid base64") from None
 
 
+def value_problem(values: np.ndarray, spec: dict) -> str | None:
+    """Why raw values do not fit a model's input spec (range, and integers for uint8 models), or None."""
+    low, high = spec["range"]
+    if not np.isfinite(values).all() or values.min() < low or values.max() > high:
+        return f"values must lie in [{low:g}, {high:g}]"
+    if spec["dtype"] == "uint8" and not np.array_equal(values, np.round(values)):
+        return "values must be integers"
+    return None
+
+
 def pixels_array(value: object, specs: dict[str, dict], invert: bool) -> tuple[str, np.ndarray]:
     """A raw pixel array from JSON: 8x8 on 0..16 (digits) or 32x32x3 on 0..255 (SVHN).
 
@@ -128,13 +138,11 @@ def pixels_array(value: object, specs: dict[str, dict], invert: bool) -> tuple[s
         channels, height, width = spec["shape"][1:]
         expected = (height, width) if channels == 1 else (height, width, channels)
         if array.shape == expected:
-            low, high = spec["range"]
-            if not np.isfinite(array).all() or array.min() < low or array.max() > high:
-                raise InputError(422, f"{task} pixel values must lie in [{low:g}, {high:g}]")
-            if spec["dtype"] == "uint8" and not np.array_equal(array, np.round(array)):
-                raise InputError(422, f"{task} pixel values must be integers")
+            problem = value_problem(array, spec)
+            if problem:
+                raise InputError(422, f"{task} pixel {problem}")
             if invert:
-                array = high - array
+                array = spec["range"][1] - array
             chw = array[None] if channels == 1 else array.transpose(2, 0, 1)
             return task, np.ascontiguousarray(chw).astype(spec["dtype"])
     shapes = " or ".join("x".join(map(str, s["shape"][2:] if s["shape"][1] == 1 else s["shape"][2:] + [s["shape"][1]]))

@@ -302,6 +302,12 @@ def test_v2_errors(client, request_body, message):
     assert client.post("/v2/models/nope/infer", json=request_body).status_code == 404
 
 
+def test_v2_fractional_values_for_a_uint8_model_are_refused(client):
+    request = {"inputs": [{"name": "pixels", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [0.5] * 3072}]}
+    response = client.post("/v2/models/svhn-tiny/infer", json=request)
+    assert response.status_code == 400 and "values must be integers" in response.json()["error"]
+
+
 # --- metrics and OpenAPI ---
 
 def test_metrics_counters_move(client):

@@ -132,6 +132,7 @@ def test_two_process_gloo_run_writes_once(synth_dir, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--val-fraction", "0.05"], "--val-fraction must be at least 0.1"),
+    (["--val-fraction", "1.0"], "and below 1"),
     (["--data-dir", "/nonexistent/svhn"], "train_32x32.mat is missing"),
 ])
 def test_cli_bad_input(synth_dir, tmp_path, args, message):

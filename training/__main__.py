@@ -201,8 +201,7 @@ def cmd_digits(args) -> None:
 
 
 def cmd_svhn(args) -> None:
-    if args.val_fraction < svhn.MIN_VAL_FRACTION:
-        raise UsageError(f"--val-fraction must be at least {svhn.MIN_VAL_FRACTION} (got {args.val_fraction})")
+    svhn.check_val_fraction(args.val_fraction)  # before any data is read or folder made
     check_writable(args.out)
     if args.export_to is not None:
         check_writable(args.export_to)

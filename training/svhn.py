@@ -75,14 +75,18 @@ def download(data_dir: Path) -> None:
             raise DataError(f"downloading SVHN {split} into {data_dir} failed: {err}") from None
 
 
+def check_val_fraction(val_fraction: float) -> None:
+    if not MIN_VAL_FRACTION <= val_fraction < 1:
+        raise DataError(f"--val-fraction must be at least {MIN_VAL_FRACTION} and below 1 (got {val_fraction})")
+
+
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded per-class split of the official training set into (train, val) indices.
 
     Validation takes the same fraction of every class; train is the complement, so the two are
     disjoint by construction (the original notebook trained on its validation images).
     """
-    if not MIN_VAL_FRACTION <= val_fraction < 1:
-        raise DataError(f"--val-fraction must be in [{MIN_VAL_FRACTION}, 1), got {val_fraction}")
+    check_val_fraction(val_fraction)
     rng = np.random.default_rng(seed)
     val = []
     for digit in range(10):
