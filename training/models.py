@@ -51,7 +51,7 @@ def digits_cnn(width: int = 32, dropout: float = 0.3) -> nn.Module:
         nn.Dropout(dropout), nn.Linear(4 * width, NUM_CLASSES), nn.LogSoftmax(dim=1))
 
 
-def digits_mlp(hidden: int = 1024, dropout: float = 0.2) -> nn.Module:
+def digits_mlp(hidden: int = 1024, dropout: float = 0.05) -> nn.Module:
     return nn.Sequential(
         Scale(mean=[0.0], std=[16.0]), nn.Flatten(),
         nn.Linear(64, hidden), nn.BatchNorm1d(hidden), nn.GELU(), nn.Dropout(dropout),
