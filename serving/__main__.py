@@ -4,6 +4,7 @@ Every flag can also be set by an environment variable (DIGITSERVE_<FLAG>), for c
 on the command line wins over the variable.
 """
 import argparse
+import multiprocessing
 import os
 import shutil
 import signal
@@ -91,15 +92,24 @@ def main(argv: list[str] | None = None) -> int:
     main_pid = os.getpid()
 
     def stop_gracefully(signum, frame):
-        """SIGTERM (docker stop, Kubernetes) takes LitServe's graceful path, as Ctrl-C does: the HTTP
-        process stops accepting and finishes in-flight requests, then the workers stop, then we exit 0.
-        LitServe's forked children inherit this handler; there, SIGTERM (sent by the main process
-        once they may go) just ends the process."""
+        """SIGTERM (docker stop, Kubernetes) and SIGINT (Ctrl-C) take LitServe's graceful path: the HTTP
+        processes stop accepting and finish in-flight requests, then the workers stop, then we exit 0.
+
+        LitServe's forked children inherit this handler, and Ctrl-C or a cgroup-wide stop (systemd)
+        signals them all at once. Its spawned worker does not: see serving.api.LitServeWorkerAPI."""
         if os.getpid() == main_pid:
             raise KeyboardInterrupt
+        if multiprocessing.current_process().name.startswith("SyncManager"):
+            return  # LitServe's queue manager: needed while the HTTP side drains, shut down last by message
+        # An HTTP process: uvicorn caught the signal, drained, and raised it again. End quietly (the
+        # default prints a KeyboardInterrupt traceback) and ignore the SIGTERM the main process may
+        # still send, which would cut asyncio's own clean-up short.
+        for name in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(name, signal.SIG_IGN)
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, stop_gracefully)
+    signal.signal(signal.SIGINT, stop_gracefully)
     try:
         server.run(host=config.host, port=config.port, num_api_servers=config.workers, generate_client_file=False,
                    log_level="warning")

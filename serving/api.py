@@ -9,6 +9,7 @@ every request of the batch, and a bad upload must only fail itself.
 Each HTTP process runs this API's `predict` behind its own dynamic batcher (serving/batcher.py).
 LitServe also sets it up in the worker process it always starts, which receives no requests.
 """
+import signal
 from collections import defaultdict
 from pathlib import Path
 
@@ -54,3 +55,16 @@ class ClassifierAPI(ls.LitAPI):
                 log_probs[r][i] = row
         shared = sum(len(items) for items in requests)
         return [{"log_probs": rows, "batch_size": shared} for rows in log_probs]
+
+
+class LitServeWorkerAPI(ClassifierAPI):
+    """The API in the worker process LitServe always starts, which receives no requests.
+
+    That process is spawned, so it inherits none of the main process's signal handlers. Ctrl-C sends
+    SIGINT to the whole process group; if this worker died of it first, LitServe's monitor would
+    report a crash and race the main process's orderly shutdown. So it ignores SIGINT, and the main
+    process stops it with SIGTERM once the HTTP side has drained."""
+
+    def setup(self, device):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        super().setup(device)

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from serving import images, registry
-from serving.api import ClassifierAPI
+from serving.api import ClassifierAPI, LitServeWorkerAPI
 from serving.batcher import DynamicBatcher
 from serving.metrics import FLUSH_SECONDS, Metrics
 
@@ -564,7 +564,7 @@ def build_server(config: Config) -> tuple[ls.LitServer, Service]:
     # LitServe always launches a worker process for its LitAPI; ours sets the models up there too
     # (its readiness is part of /ready) but receives no requests: with max_batch_size 1 its loop
     # blocks on the queue instead of polling it.
-    litserve_api = ClassifierAPI(models, config.backend, config.device, max_batch_size=1)
+    litserve_api = LitServeWorkerAPI(models, config.backend, config.device, max_batch_size=1)
     server = ls.LitServer(litserve_api, accelerator=accelerator, devices=1, workers_per_device=1,
                           timeout=config.request_timeout)
     server.uvicorn_graceful_timeout = GRACEFUL_SHUTDOWN_SECONDS

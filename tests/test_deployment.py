@@ -97,6 +97,30 @@ def test_sigterm_during_a_burst_answers_every_accepted_request(tmp_path):
     assert exit_code == 0 and seconds < 10
 
 
+def test_ctrl_c_stops_the_whole_process_group_quietly(tmp_path):
+    """A terminal's Ctrl-C sends SIGINT to every process of the group at once, LitServe's included."""
+    copy_committed(tmp_path / "exports", "digits-cnn")
+    server = ServerProcess(tmp_path / "exports")
+    try:
+        server.wait_ready()
+        os.killpg(server.process.pid, signal.SIGINT)
+        exit_code = server.process.wait(15)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the children end on their own, not by the test's clean-up
+            try:
+                os.killpg(server.process.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("processes of the server's group still running 10 s after it exited")
+        output = server.output()
+    finally:
+        server.stop()
+    assert exit_code == 0
+    assert "Traceback" not in output and "died" not in output, output
+
+
 def test_kubernetes_manifests_validate_and_wire_probes_ports_and_secret():
     result = subprocess.run([os.path.join(VENV_BIN, "kubernetes-validate"), "--strict",
                              *map(str, sorted((ROOT / "deploy" / "k8s").glob("*.yaml")))],
