@@ -326,9 +326,11 @@ def install_routes(app: FastAPI, service: Service) -> None:
         return PlainTextResponse(service.metrics.render(service.model_status()),
                                  media_type="text/plain; version=0.0.4")
 
+    page_html = (STATIC / "index.html").read_text()
+
     @app.get("/", include_in_schema=False)
     async def page():
-        return HTMLResponse((STATIC / "index.html").read_text())
+        return HTMLResponse(page_html)
 
     # --- prediction ---
 

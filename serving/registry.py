@@ -25,7 +25,6 @@ class ModelEntry:
     folder: Path
     manifest: dict | None = None
     error: str | None = None          # why the model is unavailable, if it is
-    status: str = "unavailable"       # unavailable | loading | ready
 
     @property
     def available(self) -> bool:

@@ -59,7 +59,6 @@ def digits_mlp(hidden: int = 1024, dropout: float = 0.05) -> nn.Module:
         nn.Linear(hidden, NUM_CLASSES), nn.LogSoftmax(dim=1))
 
 
-
 # --- SVHN ---
 
 def conv_group(c_in: int, c_out: int) -> list[nn.Module]:
