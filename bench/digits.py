@@ -1,21 +1,19 @@
-"""Digits targets: the four archs over seeds 0, 1, 2 on this machine; medians against the issue's targets.
+"""Digits targets: the four archs over seeds 0, 1, 2 (--seeds) on this machine; medians against the issue's targets.
 
-    .venv/bin/python bench/digits.py [--out runs/bench-digits]
+    .venv/bin/python bench/digits.py [--out runs/bench-digits] [--no-reproducible]
+
+Trains as `python -m training digits` does by default: in reproducible mode (training/reproducible.py).
 
 Prints a Markdown section; paste it into bench/RESULTS.md. Runs sequentially (parallel runs on a
 2-core machine oversubscribe and distort wall times).
 """
 import argparse
-import platform
 import statistics
 from pathlib import Path
 
-import torch
-
-from training.__main__ import knn_baseline, train_digits
+from training import reproducible
 from training.recipes import DIGITS_ARCHS
 
-SEEDS = (0, 1, 2)
 # (max median test errors of 447, max median test NLL, max wall seconds per run) from the issue.
 TARGETS = {"cnn": (6, 0.10, 60), "mlp": (13, 0.12, 60), "seed-mlp": (36, 0.30, None), "seed-cnn": (28, 0.21, None)}
 REFERENCE_LOW = {"seed-mlp": (33, 0.28), "seed-cnn": (26, 0.17)}
@@ -25,15 +23,24 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("runs/bench-digits"))
     parser.add_argument("--archs", nargs="+", default=list(DIGITS_ARCHS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--reproducible", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
-    lines = [f"## Digits (`bench/digits.py`), {platform.processor() or platform.machine()}, "
-             f"{torch.get_num_threads()} threads, torch {torch.__version__}", "",
+    if args.reproducible:
+        reproducible.pin_before_torch()
+    import torch  # after the pins
+
+    from training.runs import cpu_info
+    from training.train import knn_baseline, train_digits
+    lines = [f"## Digits (`bench/digits.py`), {cpu_info()[0]}, torch {torch.__version__}, "
+             f"{'reproducible mode' if args.reproducible else 'natural CPU dispatch'}", "",
              "| arch | seed | test NLL | errors /447 | best epoch / run | wall s |", "|---|---|---|---|---|---|"]
     summary = ["", "| arch | median errors | median NLL | max wall s | target | met |", "|---|---|---|---|---|---|"]
     for arch in args.archs:
         runs = []
-        for seed in SEEDS:
-            _, m = train_digits(arch, seed, 1000, 20, torch.device("cpu"), args.out, progress=False)
+        for seed in args.seeds:
+            _, m = train_digits(arch, seed, 1000, 20, torch.device("cpu"), args.out, progress=False,
+                                reproducible_mode=args.reproducible)
             runs.append(m)
             lines.append(f"| {arch} | {seed} | {m['test']['nll']:.4f} | {m['test']['errors']} | "
                          f"{m['best_epoch']} / {m['epochs_run']} | {m['wall_seconds']:.1f} |")

@@ -7,18 +7,21 @@
 `--recipe` fields of its Recipe (training/recipes.py). Decide on the mean best validation NLL;
 the test figures are printed for the record only. Also prints the longest stall before the best
 epoch (epochs without val improvement), which is the least patience the variant needs.
-Trains in memory and writes nothing.
+Trains in memory and writes nothing, in reproducible mode (training/reproducible.py) as the CLI does.
 """
 import argparse
 import dataclasses
 import json
 import statistics
 
-import torch
+from training import reproducible
 
-from training import digits
-from training.loop import evaluate, fit
-from training.recipes import DIGITS_ARCHS
+reproducible.pin_before_torch()  # before torch is imported: the arithmetic of `python -m training digits`
+import torch  # noqa: E402
+
+from training import digits  # noqa: E402
+from training.loop import evaluate, fit  # noqa: E402
+from training.recipes import DIGITS_ARCHS  # noqa: E402
 
 
 def assignment(text: str) -> tuple[str, object]:
@@ -49,6 +52,7 @@ def main() -> None:
         spec.build(**dict(args.model))
     except TypeError as error:
         parser.error(str(error))
+    reproducible.activate(torch.device("cpu"))
     train, val, test = (digits.load_split(name) for name in ("train", "val", "test"))
     print("| seed | best val NLL | best epoch / run | longest stall | test errors | test NLL | train s |\n"
           "|---|---|---|---|---|---|---|")

@@ -11,6 +11,7 @@ import torch
 from serving import registry
 from training import svhn
 from training.augment import cutout, random_translate
+from training.errors import DataError
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -39,7 +40,7 @@ def test_loader_maps_10_to_0_and_transposes(synth_dir):
 
 
 def test_official_md5_is_checked(synth_dir):
-    with pytest.raises(svhn.DataError, match="corrupt .*MD5.*--download"):
+    with pytest.raises(DataError, match="corrupt .*MD5.*--download"):
         svhn.load_split(synth_dir, "train", verify_md5=True)
 
 
@@ -54,15 +55,15 @@ def test_malformed_files_are_refused(synth_dir, tmp_path, mutate, message):
     mat = {k: v for k, v in scipy.io.loadmat(synth_dir / "train_32x32.mat").items() if not k.startswith("__")}
     mutate(mat)
     scipy.io.savemat(tmp_path / "train_32x32.mat", mat)
-    with pytest.raises(svhn.DataError, match=message):
+    with pytest.raises(DataError, match=message):
         svhn.load_split(tmp_path, "train", verify_md5=False)
 
 
 def test_missing_and_unreadable_files(tmp_path):
-    with pytest.raises(svhn.DataError, match="train_32x32.mat is missing.*--download"):
+    with pytest.raises(DataError, match="train_32x32.mat is missing.*--download"):
         svhn.load_split(tmp_path, "train", verify_md5=False)
     (tmp_path / "train_32x32.mat").write_bytes(b"garbage")
-    with pytest.raises(svhn.DataError, match="not a readable .mat"):
+    with pytest.raises(DataError, match="not a readable .mat"):
         svhn.load_split(tmp_path, "train", verify_md5=False)
 
 
@@ -76,7 +77,7 @@ def test_split_is_disjoint_stratified_and_seeded():
     again_train, again_val = svhn.stratified_split(labels, 0.1, seed=3)
     assert np.array_equal(val, again_val) and np.array_equal(train, again_train)
     assert not np.array_equal(val, svhn.stratified_split(labels, 0.1, seed=4)[1])
-    with pytest.raises(svhn.DataError, match="val-fraction"):
+    with pytest.raises(DataError, match="val-fraction"):
         svhn.stratified_split(labels, 0.05, seed=0)
 
 

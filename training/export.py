@@ -20,6 +20,7 @@ import onnxruntime
 import torch
 
 from serving import registry  # the reading side of the manifest contract, reused to check writes
+from training.errors import ExportError
 from training.recipes import ARCHS
 from training.runs import atomic_folder, plot_curves, write_json
 
@@ -30,10 +31,6 @@ SCHEMA_PATH = Path(__file__).resolve().parents[1] / "exports" / "manifest.schema
 PARITY_TOLERANCE = 1e-4  # max |log-prob| difference between an artifact and the PyTorch model
 ONNX_OPSET = 18
 LABELS = [str(digit) for digit in range(10)]
-
-
-class ExportError(Exception):
-    """The run cannot be exported, or the artifacts disagree with the model: nothing was written."""
 
 
 def validate_manifest(manifest: dict, schema: dict) -> None:
@@ -127,7 +124,8 @@ def export_model(model: torch.nn.Module, run: dict, run_dir: Path, input_spec: d
             "metrics": {"best_epoch": run["best_epoch"], "epochs_run": run["epochs_run"], "val_nll": run["val_nll"],
                         "val_error": run["val_error"], "test": test, "parity": parity},
             "training": {"seed": run["seed"], "config": run["config"], "environment": run["environment"],
-                         "wall_seconds": run["wall_seconds"], "run": run_dir.name},
+                         "wall_seconds": run["wall_seconds"], "run": run_dir.name,
+                         **{key: run[key] for key in ("reproducibility", "checkpoint_sha256") if key in run}},
         }
         validate_manifest(manifest, schema)
         write_json(staging / "model.json", manifest)

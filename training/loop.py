@@ -12,9 +12,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from training import augment
+from training.progress import EpochProgress
+from training.recipes import Recipe
 
 
 @dataclass
@@ -64,28 +65,6 @@ class EarlyStopping:
 
     def restore_best(self, model: torch.nn.Module) -> None:
         model.load_state_dict(self.best_state)
-
-
-@dataclass
-class Recipe:
-    """How to optimise a model: plain values, recorded in metrics.json and the manifest."""
-    optimizer: str = "adamax"          # adamax | adamw | sgd
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    batch_size: int = 64
-    label_smoothing: float = 0.0
-    lr_decay_patience: int = 0         # >0: divide lr by 10 after this many epochs without val improvement
-    ema_decay: float = 0.0             # >0: evaluate and keep an exponential moving average of the weights
-    ema_bias_correction: bool = False  # divide out the initial weights' share, as Adam does for its moments
-    # Augmentation, all off by default (the seed models train on the raw pixels).
-    rotate_degrees: float = 0.0        # with zoom: a random affine warp
-    zoom: float = 0.0
-    shift: float = 0.0                 # pixels
-    pad_mode: str = "constant"         # for integer translation without rotate/zoom
-    cutout: int = 0                    # side of a random square set to zero
-
-    def augments(self) -> bool:
-        return bool(self.rotate_degrees or self.zoom or self.shift or self.cutout)
 
 
 def augment_batch(x: torch.Tensor, recipe: Recipe) -> torch.Tensor:
@@ -171,8 +150,8 @@ def fit(model: torch.nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
     history = History()
     device = train_x.device
     started = time.perf_counter()
-    bar = tqdm(range(max_epochs), desc=desc, disable=not progress or rank != 0, leave=False, dynamic_ncols=True)
-    for epoch in bar:
+    bar = EpochProgress(desc, max_epochs, enabled=progress and rank == 0)
+    for epoch in range(max_epochs):
         model.train()
         order = torch.randperm(len(train_y), device=device)
         if world > 1:
@@ -204,7 +183,7 @@ def fit(model: torch.nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
         if scheduler is not None:
             scheduler.step(val_nll)
         stop = stopper.update(epoch, val_nll, evaluated)
-        bar.set_postfix(val_nll=f"{val_nll:.4f}", val_err=f"{val_error:.4f}", patience=stopper.patience_left)
+        bar.update(epoch, val_nll, val_error, stopper.best_epoch, stopper.best_nll, stopper.patience_left)
         if stop:
             break
     bar.close()

@@ -1,18 +1,39 @@
-"""Each trainable architecture: how to build it and how to optimise it. Plain values only."""
+"""Each trainable architecture: how to build it and how to optimise it. Plain values only: no torch
+import, so the command line can list the architectures and answer at once."""
 from dataclasses import dataclass
-from typing import Callable
 
-from torch import nn
 
-from training import models
-from training.loop import Recipe
+@dataclass
+class Recipe:
+    """How to optimise a model: plain values, recorded in metrics.json and the manifest."""
+    optimizer: str = "adamax"          # adamax | adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    batch_size: int = 64
+    label_smoothing: float = 0.0
+    lr_decay_patience: int = 0         # >0: divide lr by 10 after this many epochs without val improvement
+    ema_decay: float = 0.0             # >0: evaluate and keep an exponential moving average of the weights
+    ema_bias_correction: bool = False  # divide out the initial weights' share, as Adam does for its moments
+    # Augmentation, all off by default (the seed models train on the raw pixels).
+    rotate_degrees: float = 0.0        # with zoom: a random affine warp
+    zoom: float = 0.0
+    shift: float = 0.0                 # pixels
+    pad_mode: str = "constant"         # for integer translation without rotate/zoom
+    cutout: int = 0                    # side of a random square set to zero
+
+    def augments(self) -> bool:
+        return bool(self.rotate_degrees or self.zoom or self.shift or self.cutout)
 
 
 @dataclass(frozen=True)
 class Arch:
-    build: Callable[[], nn.Module]
+    builder: str  # a function of training.models
     recipe: Recipe
     summary: str
+
+    def build(self, **kwargs):
+        from training import models
+        return getattr(models, self.builder)(**kwargs)
 
 
 # The original notebook's setting, kept exactly for a faithful reproduction.
@@ -46,11 +67,11 @@ DIGITS_MLP_RECIPE = Recipe(optimizer="adamw", lr=1e-3, weight_decay=5e-4, batch_
                            zoom=0.1, shift=1.0, ema_decay=0.995)
 
 DIGITS_ARCHS = {
-    "seed-mlp": Arch(models.seed_mlp, SEED_RECIPE, "original MLP 64-256-10, sigmoid, Adamax"),
-    "seed-cnn": Arch(models.seed_cnn, SEED_RECIPE, "original CNN 32-64 conv, sigmoid, Adamax"),
-    "mlp": Arch(models.digits_mlp, DIGITS_MLP_RECIPE,
+    "seed-mlp": Arch("seed_mlp", SEED_RECIPE, "original MLP 64-256-10, sigmoid, Adamax"),
+    "seed-cnn": Arch("seed_cnn", SEED_RECIPE, "original CNN 32-64 conv, sigmoid, Adamax"),
+    "mlp": Arch("digits_mlp", DIGITS_MLP_RECIPE,
                 "MLP 64-1024-1024-10, BN, GELU, dropout, affine augmentation, weight EMA"),
-    "cnn": Arch(models.digits_cnn, DIGITS_CNN_RECIPE,
+    "cnn": Arch("digits_cnn", DIGITS_CNN_RECIPE,
                 "CNN 5 conv (32-128), BN, GELU, global pool, dropout, affine augmentation"),
 }
 
@@ -68,6 +89,6 @@ DIGITS_ARCHS = {
 SVHN_RECIPE = Recipe(optimizer="adamw", lr=2e-3, weight_decay=5e-2, batch_size=512, label_smoothing=0.1,
                      shift=2, pad_mode="reflect", cutout=8, ema_decay=0.99, ema_bias_correction=True,
                      lr_decay_patience=2)
-SVHN_ARCHS = {"cnn": Arch(models.svhn_cnn, SVHN_RECIPE, "airbench-style CNN 32-64-256-256, BN, GELU, ~2.0M parameters")}
+SVHN_ARCHS = {"cnn": Arch("svhn_cnn", SVHN_RECIPE, "airbench-style CNN 32-64-256-256, BN, GELU, ~2.0M parameters")}
 
 ARCHS = {"digits": DIGITS_ARCHS, "svhn": SVHN_ARCHS}

@@ -13,9 +13,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: training runs on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
-
-class UsageError(Exception):
-    """Bad input from the command line: reported as one line, exit status 2."""
+from training.errors import UsageError  # noqa: E402
 
 
 def check_writable(folder: Path) -> None:
@@ -54,13 +52,31 @@ def utc_stamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
+def cpu_info() -> tuple[str, list[str]]:
+    """The processor's name and its vector extensions that PyTorch dispatches on (from /proc/cpuinfo
+    on Linux; platform.processor() is empty there)."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = fields.get("flags", "").split()
+    return (fields.get("model name") or platform.processor() or platform.machine(),
+            [flag for flag in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if flag in flags])
+
+
 def environment(device: str) -> dict:
     import numpy
     import torch
+    cpu_model, cpu_features = cpu_info()
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
             "platform": platform.platform(), "device": device,
-            "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
-            "cpu_count": os.cpu_count()}
+            "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else cpu_model,
+            "cpu_model": cpu_model, "cpu_features": cpu_features, "cpu_count": os.cpu_count(),
+            # the kernels PyTorch actually used: AVX2 in reproducible mode, whatever the CPU offers
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
 
 
 def write_json(path: Path, data: dict) -> None:

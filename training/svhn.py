@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
+from training.errors import DataError
+
 FILES = {  # split -> (file name, official MD5), as torchvision's SVHN dataset checks them
     "train": ("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373"),
     "test": ("test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3"),
@@ -19,10 +21,6 @@ MIN_VAL_FRACTION = 0.1
 
 INPUT_SPEC = {"name": "pixels", "shape": [None, 3, 32, 32], "dtype": "uint8", "range": [0, 255],
               "layout": "NCHW", "color": "RGB"}
-
-
-class DataError(Exception):
-    """Missing, corrupt or malformed SVHN files: reported as one line, nothing written."""
 
 
 @dataclass

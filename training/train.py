@@ -1,0 +1,172 @@
+"""The training pipelines: one digits run, one SVHN run (DDP under torchrun), the k-NN baseline.
+
+Each run trains, evaluates the best epoch on the test split, exports it and writes its run folder
+atomically. `python -m training` is the command line over these.
+"""
+import os
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from serving.registry import sha256
+from training import digits, reproducible, svhn
+from training.errors import UsageError
+from training.export import export_model
+from training.loop import evaluate, fit
+from training.recipes import DIGITS_ARCHS, SVHN_ARCHS
+from training.runs import atomic_folder, environment, plot_curves, utc_stamp, write_json
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+
+
+def write_run(metrics: dict, model: torch.nn.Module, history, test_x: torch.Tensor, test_y: torch.Tensor,
+              input_spec: dict, out: Path, embed_test_set: bool, splits: dict | None = None) -> Path:
+    """The run folder, atomically: checkpoint, metrics.json, curves, export/TASK-ARCH/ (servable)."""
+    task, arch, seed = metrics["task"], metrics["arch"], metrics["seed"]
+    final = out / f"{task}-{arch}-seed{seed}-{utc_stamp()}"
+    test = metrics["test"]
+    with atomic_folder(final) as staging:
+        torch.save(model.state_dict(), staging / "model.pt")
+        # Lets anyone check a retrain bit for bit against this run (and its export's manifest).
+        metrics["checkpoint_sha256"] = sha256(staging / "model.pt")
+        write_json(staging / "metrics.json", metrics)
+        if splits:  # the exact train/val indices, so the split can be audited and reproduced
+            np.savez(staging / "splits.npz", **splits)
+        plot_curves(staging / "curves", history.val_nll, history.val_error, test["nll"], test["error"],
+                    f"{task} {arch} (seed {seed}): best epoch {history.best_epoch}")
+        export_model(model, metrics, final, input_spec, test_x, test_y, f"{task}-{arch}", staging / "export",
+                     embed_test_set=embed_test_set)
+    return final
+
+
+def run_metrics(task: str, arch: str, summary: str, seed: int, config: dict, device: torch.device, started: float,
+                history, result, reproducibility: dict) -> dict:
+    return {
+        "task": task, "arch": arch, "summary": summary, "seed": seed, "config": config,
+        "environment": environment(str(device)), "reproducibility": reproducibility,
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "epochs_run": history.epochs_run, "best_epoch": history.best_epoch,
+        "val_nll": history.val_nll, "val_error": history.val_error,
+        "test": {"nll": result.nll, "error": result.error, "errors": result.errors, "n": result.n},
+    }
+
+
+def train_digits(arch: str, seed: int, max_epochs: int, patience: int, device: torch.device, out: Path,
+                 progress: bool = True, reproducible_mode: bool = True) -> tuple[Path, dict]:
+    """Train one digits model, evaluate it on test, export it, and write its run folder atomically.
+
+    `reproducible_mode` (the default) needs training.reproducible.pin_before_torch() to have run
+    before torch was imported; it makes the run's weights the same on any x86_64 machine with AVX2.
+    """
+    spec = DIGITS_ARCHS[arch]
+    reproducibility = reproducible.activate(device) if reproducible_mode else reproducible.OFF
+    torch.manual_seed(seed)
+    train, val, test = (digits.load_split(name, device) for name in ("train", "val", "test"))
+    model = spec.build().to(device)
+    started = time.perf_counter()
+    history = fit(model, train.x, train.y, val.x, val.y, spec.recipe, max_epochs=max_epochs, patience=patience,
+                  progress=progress, desc=f"digits {arch}")
+    result = evaluate(model, test.x, test.y)
+    config = {"max_epochs": max_epochs, "patience": patience, "recipe": asdict(spec.recipe)}
+    metrics = run_metrics("digits", arch, spec.summary, seed, config, device, started, history, result,
+                          reproducibility)
+    return write_run(metrics, model, history, test.x, test.y, digits.INPUT_SPEC, out, embed_test_set=True), metrics
+
+
+def train_svhn(args) -> tuple[Path, dict] | None:
+    """Train the SVHN CNN (under torchrun: data-parallel); rank 0 evaluates, exports and writes."""
+    rank, world, device = init_distributed(args.device)
+    try:
+        reproducibility = reproducible.activate(device) if args.reproducible else reproducible.OFF
+        if args.download and rank == 0:
+            svhn.download(args.data_dir)
+        if world > 1:
+            dist.barrier()
+        train_all = svhn.load_split(args.data_dir, "train", verify_md5=not args.skip_md5)
+        test = svhn.load_split(args.data_dir, "test", verify_md5=not args.skip_md5)
+        train_idx, val_idx = svhn.stratified_split(train_all.y, args.val_fraction, args.seed)
+        spec = SVHN_ARCHS["cnn"]
+        recipe = replace(spec.recipe, batch_size=args.batch_size or spec.recipe.batch_size, lr=args.lr or spec.recipe.lr)
+        torch.manual_seed(args.seed)
+
+        def on_device(array):
+            return torch.from_numpy(array).to(device)
+        train_x, train_y = on_device(train_all.x[train_idx]), on_device(train_all.y[train_idx])
+        val_x, val_y = on_device(train_all.x[val_idx]), on_device(train_all.y[val_idx])
+        model_kwargs = {"widths": [args.width, 4 * args.width, 4 * args.width]}
+        model = spec.build(**model_kwargs).to(device)
+        cuda = device.type == "cuda"
+        started = time.perf_counter()
+        history = fit(model, train_x, train_y, val_x, val_y, recipe, max_epochs=args.max_epochs,
+                      patience=args.patience, progress=rank == 0, desc="svhn cnn", bf16=cuda, channels_last=cuda,
+                      compile=args.compile)
+        if rank != 0:
+            return None
+        test_x, test_y = on_device(test.x), on_device(test.y)
+        result = evaluate(model, test_x, test_y)
+        config = {"max_epochs": args.max_epochs, "patience": args.patience, "recipe": asdict(recipe),
+                  "data_dir": str(args.data_dir.resolve()), "verify_md5": not args.skip_md5,
+                  "val_fraction": args.val_fraction, "world_size": world, "compile": args.compile,
+                  "model_kwargs": model_kwargs,
+                  "train_images": len(train_idx), "val_images": len(val_idx), "bf16": cuda}
+        metrics = run_metrics("svhn", "cnn", spec.summary, args.seed, config, device, started, history, result,
+                              reproducibility)
+        metrics["images_per_second"] = round(history.epochs_run * len(train_idx) / history.train_seconds, 1)
+        run_dir = write_run(metrics, model, history, test_x, test_y, svhn.INPUT_SPEC, args.out, embed_test_set=False,
+                            splits={"train_indices": train_idx, "val_indices": val_idx})
+        return run_dir, metrics
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """Join torchrun's process group when launched by it (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, resolve_device(device_name)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def knn_baseline() -> dict:
+    """k-nearest neighbours on the same split, k chosen on validation error."""
+    from sklearn.neighbors import KNeighborsClassifier
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = (
+        (x.reshape(len(x), -1), y) for x, y in map(digits.split_arrays, ("train", "val", "test")))
+    started = time.perf_counter()
+    val_errors = {k: np.mean(KNeighborsClassifier(k).fit(train_x, train_y).predict(val_x) != val_y)
+                  for k in range(1, 11)}
+    k = min(val_errors, key=lambda k: (val_errors[k], k))
+    errors = int(np.sum(KNeighborsClassifier(k).fit(train_x, train_y).predict(test_x) != test_y))
+    return {"arch": f"k-NN (k={k}, chosen on val)", "test": {"nll": None, "error": errors / len(test_y),
+            "errors": errors, "n": len(test_y)}, "epochs_run": None, "wall_seconds": round(time.perf_counter() - started, 2)}
+
+
+def comparison_table(rows: list[dict]) -> str:
+    lines = ["| model | test NLL | test error | errors | epochs (best) | wall s |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        test = row["test"]
+        nll = "n/a (hard votes)" if test["nll"] is None else f"{test['nll']:.4f}"
+        epochs = "—" if row["epochs_run"] is None else f"{row['epochs_run']} ({row['best_epoch']})"
+        lines.append(f"| {row['arch']} | {nll} | {test['error']:.4f} | {test['errors']}/{test['n']} | {epochs} "
+                     f"| {row['wall_seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
