@@ -24,6 +24,7 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY export_contract ./export_contract
 COPY serving ./serving
 COPY training ./training
 # The CPU onnxruntime that pyproject names is swapped for the GPU build of the same version (both
@@ -56,9 +57,9 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin app
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY export_contract ./export_contract
 COPY serving ./serving
 COPY training ./training
-COPY exports/manifest.schema.json ./exports/manifest.schema.json
 RUN python -m venv /opt/venv && /opt/venv/bin/pip install ".[train]" && chown app:app /app
 ENV PATH=/opt/venv/bin:$PATH
 USER 10001

@@ -1,40 +1,72 @@
 """Inference backends over an exported artifact: ONNX Runtime (default) or TorchScript.
 
-Both take a batch in the manifest's input dtype (N x C x H x W) and return log-probabilities N x 10
-as float32 NumPy. torch is imported only by the TorchScript backend.
+Both take a batch in the manifest's input dtype (N x C x H x W), return log-probabilities N x 10 as
+float32 NumPy, and say where they run (`device`, `provider`). torch is imported only by the
+TorchScript backend. Whether a GPU is usable is decided here, from NVIDIA's management library
+(NVML, which creates no CUDA context, so the decision can be made before LitServe forks the HTTP
+processes), before any runtime is asked for CUDA: without a GPU nothing tries CUDA or logs about it.
 """
+import ctypes
 import os
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 
 
-def cuda_wanted(device: str) -> bool:
-    return device in ("auto", "cuda")
+@cache
+def gpu_count() -> int:
+    """NVIDIA GPUs on this machine (0 without a driver or a device)."""
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_uint(0)
+    if nvml.nvmlInit_v2() != 0:
+        return 0
+    try:
+        return count.value if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) == 0 else 0
+    finally:
+        nvml.nvmlShutdown()
+
+
+class BackendError(Exception):
+    """The backend cannot run this artifact as asked (e.g. --device cuda without a usable GPU)."""
 
 
 class OnnxBackend:
     name = "onnx"
 
-    def __init__(self, path: Path, device: str, input_name: str):
+    @staticmethod
+    def resolve(device: str) -> str:
+        """--device auto/cpu/cuda -> where models will run ("cuda" or "cpu"), without touching CUDA."""
         import onnxruntime as ort
-        available = ort.get_available_providers()
-        if device == "cuda" and "CUDAExecutionProvider" not in available:
-            raise RuntimeError("--device cuda: this ONNX Runtime has no CUDAExecutionProvider "
-                               "(install onnxruntime-gpu)")
-        use_cuda = cuda_wanted(device) and "CUDAExecutionProvider" in available
+        has_provider = "CUDAExecutionProvider" in ort.get_available_providers()
+        if device == "cuda" and not (gpu_count() and has_provider):
+            raise BackendError("--device cuda: " + ("no NVIDIA GPU on this machine" if not gpu_count() else
+                               "this ONNX Runtime has no CUDA provider (install onnxruntime-gpu: make serve does "
+                               "on a machine with a GPU)"))
+        return "cuda" if device != "cpu" and gpu_count() and has_provider else "cpu"
+
+    def __init__(self, path: Path, device: str, input_name: str):
+        """`device`: "cuda" or "cpu", as resolve() gave it."""
+        import onnxruntime as ort
+        use_cuda = device == "cuda"
         if use_cuda:
-            # CUDA and cuDNN from NVIDIA's pip wheels (the container's choice) are not on the loader's
-            # path: ONNX Runtime loads them from site-packages itself.
+            # CUDA and cuDNN from NVIDIA's pip wheels are not on the loader's path: ONNX Runtime finds them.
             ort.preload_dlls()
-        providers = (["CUDAExecutionProvider"] if use_cuda else []) + ["CPUExecutionProvider"]
         options = ort.SessionOptions()
-        # Small graphs: one intra-op thread per worker beats contention between workers on few cores.
+        # Small graphs: one intra-op thread per HTTP process beats contention between processes on few cores.
         options.intra_op_num_threads = int(os.environ.get("DIGITSERVE_ORT_THREADS", "1"))
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        providers = (["CUDAExecutionProvider"] if use_cuda else []) + ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as err:  # ONNX Runtime raises its own types for unreadable graphs
+            raise BackendError(f"ONNX Runtime cannot load {path.name}: {str(err).splitlines()[0]}") from None
         self.input_name = input_name
-        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.provider = self.session.get_providers()[0]
+        self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0]
@@ -43,13 +75,24 @@ class OnnxBackend:
 class TorchScriptBackend:
     name = "torchscript"
 
+    @staticmethod
+    def resolve(device: str) -> str:
+        import torch
+        usable = bool(gpu_count() and torch.version.cuda)  # torch.cuda.is_available() would create a context
+        if device == "cuda" and not usable:
+            raise BackendError("--device cuda: " + ("no NVIDIA GPU on this machine" if not gpu_count() else
+                                                    "this torch is built without CUDA"))
+        return "cuda" if device != "cpu" and usable else "cpu"
+
     def __init__(self, path: Path, device: str, input_name: str):
         import torch
-        if device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda: CUDA is not available to torch")
         self.torch = torch
-        self.device = "cuda" if cuda_wanted(device) and torch.cuda.is_available() else "cpu"
-        self.module = torch.jit.load(str(path), map_location=self.device).eval()
+        self.device = device
+        self.provider = f"torch {torch.__version__}"
+        try:
+            self.module = torch.jit.load(str(path), map_location=self.device).eval()
+        except RuntimeError as err:
+            raise BackendError(f"torch cannot load {path.name}: {str(err).splitlines()[0]}") from None
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         with self.torch.inference_mode():

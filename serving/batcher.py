@@ -3,31 +3,39 @@
 LitServe's own request path hands every request to a separate worker process through a
 multiprocessing.Manager queue (an IPC round trip per request, plus a worker polling that queue
 every millisecond). On a 2-core machine that path ran at 0.2x the throughput of a plain FastAPI +
-ONNX Runtime endpoint (bench/RESULTS.md). Here the LitAPI's own batching (`predict`) runs in
-the process that parsed the request: requests queue in memory, the batch is whatever arrived while
-the previous batch ran (plus up to `batch_timeout`, up to `max_batch_size` images), and the LitAPI's
-`predict` runs in a thread, since ONNX Runtime and torch release the GIL, while the event loop
-keeps parsing requests.
+ONNX Runtime endpoint (bench/RESULTS.md). Here requests queue in memory in the process that parsed
+them; a batch is whatever arrived while the previous batch ran (plus up to `batch_timeout`, up to
+`max_batch_size` images), and the models run in a thread, since ONNX Runtime and torch release the
+GIL, while the event loop keeps reading requests. The queue is bounded (`max_queue` images): beyond
+it a request is refused at once (503) instead of waiting behind everyone else.
 """
 import asyncio
 import gc
+import time
 
 import numpy as np
 
-from serving.api import ClassifierAPI
+from serving.errors import ServiceError
+from serving.inference import Classifier
+from serving.metrics import Metrics
+
+
+class Overloaded(ServiceError):
+    status = 503
+    retry_after = 1  # seconds: a batch takes milliseconds, so the queue drains well within one
 
 
 class DynamicBatcher:
-    def __init__(self, api: ClassifierAPI, max_batch_size: int, batch_timeout: float):
-        self.api = api
-        self.max_batch_size = max_batch_size
-        self.batch_timeout = batch_timeout
+    def __init__(self, classifier: Classifier, metrics: Metrics, max_batch_size: int, batch_timeout: float,
+                 max_queue: int):
+        self.classifier, self.metrics = classifier, metrics
+        self.max_batch_size, self.batch_timeout, self.max_queue = max_batch_size, batch_timeout, max_queue
         self.queue: asyncio.Queue | None = None
+        self.queued_images = 0
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
-        """Load and warm the models (blocking: before this process accepts connections), then batch."""
-        self.api.setup(device=None)
+        """Start batching (the models are loaded and warm: before this process accepts connections)."""
         # Everything loaded so far lives as long as the process: keep it out of the garbage
         # collector's generations, so collections under load are short (tail latency).
         gc.collect()
@@ -43,11 +51,20 @@ class DynamicBatcher:
     def ready(self) -> bool:
         return self.task is not None and not self.task.done()
 
-    async def submit(self, items: list[tuple[str, np.ndarray]]) -> dict:
-        """Queue one request's images; resolves to {"log_probs": [...], "batch_size": n}."""
+    async def submit(self, items: list[tuple[str, np.ndarray]]) -> tuple[list[np.ndarray], int]:
+        """Queue one request's images; resolves to (log-probabilities per image, images in the batch)."""
+        if self.queued_images + len(items) > self.max_queue:
+            self.metrics.shed.inc()
+            raise Overloaded(f"the server is at capacity ({self.max_queue} images queued in this process); "
+                             f"retry in {Overloaded.retry_after} s")
         future = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait((items, future))
+        self.queue.put_nowait((items, future, time.perf_counter()))
+        self.add_queued(len(items))
         return await future
+
+    def add_queued(self, images: int) -> None:
+        self.queued_images += images
+        self.metrics.queue_images.inc(images)
 
     def take_waiting(self, batch: list, images: int) -> int:
         while not self.queue.empty() and images < self.max_batch_size:
@@ -62,14 +79,22 @@ class DynamicBatcher:
             images = self.take_waiting(batch, len(batch[0][0]))
             if images < self.max_batch_size and self.batch_timeout > 0:
                 await asyncio.sleep(self.batch_timeout)
-                self.take_waiting(batch, images)
+                images = self.take_waiting(batch, images)
+            self.add_queued(-images)
+            started = time.perf_counter()
+            for items, _, queued_at in batch:
+                for name in {name for name, _ in items}:
+                    self.metrics.queue_seconds.labels(name).observe(started - queued_at)
             try:
-                outputs = await asyncio.to_thread(self.api.predict, [items for items, _ in batch])
+                result = await asyncio.to_thread(self.classifier.predict, [items for items, _, _ in batch])
             except Exception as err:  # a backend failure fails this batch's requests, not the batcher
-                for _, future in batch:
+                for _, future, _ in batch:
                     if not future.done():
                         future.set_exception(err)
                 continue
-            for (_, future), output in zip(batch, outputs):
+            self.metrics.batch_size.observe(result.images)
+            for name, seconds in result.seconds.items():
+                self.metrics.inference_seconds.labels(name).observe(seconds)
+            for (_, future, _), log_probs in zip(batch, result.log_probs):
                 if not future.done():  # the client may have gone away
-                    future.set_result(output)
+                    future.set_result((log_probs, result.images))

@@ -1,7 +1,8 @@
 """Uploaded images and pixel arrays -> the exact arrays an exported model takes.
 
 Everything here is pure NumPy + Pillow and raises `InputError` (an HTTP status and a message) for
-anything a client got wrong; it never touches a model.
+anything a client got wrong; it never touches a model. Decoding is CPU work: the routes run it in a
+thread, off the event loop.
 """
 import base64
 import binascii
@@ -11,17 +12,15 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from serving.errors import InputError
+
 # Declared width x height above which an upload is refused before any pixel is decoded: a small
 # file can declare a gigapixel canvas (a decompression bomb). 4096 x 4096 covers any real photo.
 MAX_DECLARED_PIXELS = 4096 * 4096
 Image.MAX_IMAGE_PIXELS = MAX_DECLARED_PIXELS  # Pillow's own guard, as a second line
-
-
-class InputError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
+# The formats the service documents; Pillow would otherwise try a dozen more decoders (TIFF, ICO,
+# PCX, SGI, ...), each one more parser for an attacker to reach.
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
 
 
 def spec_size(spec: dict) -> tuple[int, int]:
@@ -30,24 +29,38 @@ def spec_size(spec: dict) -> tuple[int, int]:
 
 
 def open_image(data: bytes) -> Image.Image:
-    """Open (header only), refuse bombs, then decode the first frame with EXIF orientation applied."""
+    """Read the header only (size, mode): nothing is decoded yet. Refuses non-images and bombs."""
+    if not data:
+        raise InputError("empty upload", 400)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        if isinstance(err, UnidentifiedImageError):
-            raise InputError(400, "not an image (accepted: PNG, JPEG, BMP, GIF, WebP)") from None
-        raise InputError(413, f"image declares too many pixels (limit {MAX_DECLARED_PIXELS})") from None
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(f"image declares too many pixels (limit {MAX_DECLARED_PIXELS})", 413) from None
+    except UnidentifiedImageError:
+        raise InputError("not an image (accepted: PNG, JPEG, BMP, GIF, WebP)", 400) from None
+    except Exception as err:  # a header Pillow recognised but cannot parse: many types (OSError, KeyError, ...)
+        raise InputError(f"corrupt image header: {one_line(err)}", 400) from None
     width, height = image.size
     if width * height > MAX_DECLARED_PIXELS or width <= 0 or height <= 0:
-        raise InputError(413, f"image declares {width}x{height} pixels (limit {MAX_DECLARED_PIXELS})")
+        raise InputError(f"image declares {width}x{height} pixels (limit {MAX_DECLARED_PIXELS})", 413)
+    return image
+
+
+def decode(image: Image.Image) -> Image.Image:
+    """The first frame (GIF, animated WebP), decoded, with its EXIF orientation applied."""
     try:
-        image.seek(0)  # GIF / animated WebP: the first frame
+        image.seek(0)
         image.load()
         return ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise InputError(400, f"truncated or corrupt image: {err}") from None
+    except Exception as err:  # decoders raise OSError, ValueError, SyntaxError, EOFError, struct.error, ...
+        raise InputError(f"truncated or corrupt image: {one_line(err)}", 400) from None
+
+
+def one_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__
 
 
 def to_gray_or_rgb(image: Image.Image, color: str) -> np.ndarray:
@@ -55,6 +68,13 @@ def to_gray_or_rgb(image: Image.Image, color: str) -> np.ndarray:
 
     Transparent pixels become the dark background; 16-bit images are scaled, not clipped.
     """
+    try:
+        return convert(image, color)
+    except Exception as err:  # a mode or palette Pillow cannot convert (OSError, ValueError, KeyError, ...)
+        raise InputError(f"cannot convert a {image.mode} image: {one_line(err)}", 400) from None
+
+
+def convert(image: Image.Image, color: str) -> np.ndarray:
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         values = np.asarray(image, dtype=np.float64)
         image = Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8), "L")
@@ -71,7 +91,7 @@ def to_gray_or_rgb(image: Image.Image, color: str) -> np.ndarray:
 
 def size_error(width: int, height: int, accepted: list[tuple[int, int]]) -> InputError:
     names = " or ".join(f"{w}x{h}" for h, w in accepted)
-    return InputError(422, f"image is {width}x{height}; accepted sizes: {names} (or pass resize=true)")
+    return InputError(f"image is {width}x{height}; accepted sizes: {names} (or pass resize=true)", 422)
 
 
 def fit_size(pixels: np.ndarray, size: tuple[int, int], resize: bool, accepted: list[tuple[int, int]]) -> np.ndarray:
@@ -98,21 +118,24 @@ def model_input(pixels8: np.ndarray, spec: dict, invert: bool) -> np.ndarray:
     return np.ascontiguousarray(values).astype(spec["dtype"])
 
 
-def decode_image_bytes(data: bytes) -> Image.Image:
-    if not data:
-        raise InputError(400, "empty upload")
-    return open_image(data)
-
-
 def decode_base64(text: object) -> bytes:
     if not isinstance(text, str):
-        raise InputError(422, "images[] must be base64 strings")
+        raise InputError("images[] must be base64 strings", 422)
     if text.startswith("data:"):  # a data URL, as browsers produce
         text = text.partition(",")[2]
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise InputError(400, "images[] entry is not valid base64") from None
+        raise InputError("images[] entry is not valid base64", 400) from None
+
+
+def numbers(value: object, message: str) -> np.ndarray:
+    """JSON numbers as a float64 array; `message` (422) for ragged lists, strings, or integers beyond
+    float range (JSON allows 10**400)."""
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (ValueError, TypeError, OverflowError):
+        raise InputError(message, 422) from None
 
 
 def value_problem(values: np.ndarray, spec: dict) -> str | None:
@@ -130,21 +153,18 @@ def pixels_array(value: object, specs: dict[str, dict], invert: bool) -> tuple[s
 
     Returns the task it belongs to and the model-ready C x H x W array.
     """
-    try:
-        array = np.asarray(value, dtype=np.float64)
-    except (ValueError, TypeError):
-        raise InputError(422, "pixels[] entries must be rectangular arrays of numbers") from None
+    array = numbers(value, "pixels[] entries must be rectangular arrays of numbers")
     for task, spec in specs.items():
         channels, height, width = spec["shape"][1:]
         expected = (height, width) if channels == 1 else (height, width, channels)
         if array.shape == expected:
             problem = value_problem(array, spec)
             if problem:
-                raise InputError(422, f"{task} pixel {problem}")
+                raise InputError(f"{task} pixel {problem}", 422)
             if invert:
                 array = spec["range"][1] - array
             chw = array[None] if channels == 1 else array.transpose(2, 0, 1)
             return task, np.ascontiguousarray(chw).astype(spec["dtype"])
     shapes = " or ".join("x".join(map(str, s["shape"][2:] if s["shape"][1] == 1 else s["shape"][2:] + [s["shape"][1]]))
                          for s in specs.values())
-    raise InputError(422, f"pixels[] entry has shape {'x'.join(map(str, array.shape)) or 'scalar'}; accepted: {shapes}")
+    raise InputError(f"pixels[] entry has shape {'x'.join(map(str, array.shape)) or 'scalar'}; accepted: {shapes}", 422)

@@ -1,22 +1,19 @@
-"""The exports folder, read: every model's manifest validated and its artifacts' sha256 checked.
+"""The exports folder, read: every model's manifest validated and every file it serves checked.
 
-This module and `exports/manifest.schema.json` are the reading side of the only contract between
-training and serving. A broken export is listed as unavailable with its reason; the rest are served.
+A broken export is listed as unavailable with its reason; the rest are served. The checks are the
+export contract's (export_contract): the schema the server ships with, and the sha256 of each file
+the server reads, which must be a regular file directly inside the export's folder.
 """
-import hashlib
 import json
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-import jsonschema
-
-SCHEMA_FILE = "manifest.schema.json"
-MANIFEST_FILE = "model.json"
-SUPPORTED_SCHEMA_VERSION = 1
+import export_contract as contract
 
 
 class ExportsError(Exception):
-    """The exports folder itself is unusable (missing, or without its schema)."""
+    """The exports folder itself is unusable."""
 
 
 @dataclass
@@ -30,65 +27,58 @@ class ModelEntry:
     def available(self) -> bool:
         return self.error is None
 
+    def file(self, item: dict) -> Path:
+        return self.folder / item["file"]
+
     def artifact_path(self, backend: str) -> Path:
-        return self.folder / self.manifest["artifacts"][backend]["file"]
+        return self.file(self.manifest["artifacts"][backend])
 
 
-def sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def schema_errors(manifest: object, schema: dict) -> list[str]:
-    """Every violation as a readable `path: message` line (empty when valid)."""
-    validator = jsonschema.Draft202012Validator(schema)
-    return [f"{'/'.join(map(str, e.path)) or '(root)'}: {e.message}"
-            for e in sorted(validator.iter_errors(manifest), key=lambda e: list(e.path))]
-
-
-def load_schema(exports_dir: Path) -> dict:
-    if not exports_dir.is_dir():
-        raise ExportsError(f"exports folder {exports_dir} does not exist")
+def file_problem(folder: Path, item: dict) -> str | None:
+    """Why a file named by the manifest must not be read (missing, not a plain file, altered), or None."""
+    path = folder / item["file"]
     try:
-        return json.loads((exports_dir / SCHEMA_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ExportsError(f"exports folder {exports_dir} has no readable {SCHEMA_FILE}: {err}") from None
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return f"{item['file']} is missing"
+    if not stat.S_ISREG(mode):  # a symlink could point anywhere (/etc/passwd); a FIFO would block the read
+        return f"{item['file']} is not a regular file"
+    if contract.sha256(path) != item["sha256"]:
+        return f"{item['file']} does not match the sha256 in its manifest"
+    return None
 
 
-def check_export(folder: Path, schema: dict, backend: str) -> ModelEntry:
-    """Validate one export folder's manifest and the sha256 of the files the service will read."""
+def check_export(folder: Path, backend: str) -> ModelEntry:
+    """Validate one export folder's manifest and every file the service will read from it."""
     entry = ModelEntry(name=folder.name, folder=folder)
     try:
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        manifest = json.loads((folder / contract.MANIFEST_FILE).read_text())
     except FileNotFoundError:
-        entry.error = f"no {MANIFEST_FILE}"
+        entry.error = f"no {contract.MANIFEST_FILE}"
         return entry
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        entry.error = f"{MANIFEST_FILE} is not valid JSON: {err}"
+        entry.error = f"{contract.MANIFEST_FILE} is not valid JSON: {err}"
         return entry
-    problems = schema_errors(manifest, schema)
+    if isinstance(manifest, dict) and manifest.get("schema_version") != contract.SCHEMA_VERSION:
+        entry.error = (f"schema_version {manifest.get('schema_version')} is not {contract.SCHEMA_VERSION}: export the "
+                       f"run again (python -m training export RUN_DIR)")
+        return entry
+    problems = contract.schema_errors(manifest)
     if problems:
-        entry.error = f"{MANIFEST_FILE} does not follow the schema: " + "; ".join(problems[:5])
-        return entry
-    if manifest["schema_version"] != SUPPORTED_SCHEMA_VERSION:
-        entry.error = f"schema_version {manifest['schema_version']} is not supported"
+        entry.error = f"{contract.MANIFEST_FILE} does not follow the schema: " + "; ".join(problems[:5])
         return entry
     if manifest["name"] != folder.name:
         entry.error = f"manifest name {manifest['name']!r} does not match its folder {folder.name!r}"
         return entry
     entry.manifest = manifest
-    checked = [manifest["artifacts"][backend]] + ([manifest["test_set"]] if "test_set" in manifest else [])
-    for item in checked:
-        path = folder / item["file"]
-        if not path.is_file():
-            entry.error = f"{item['file']} is missing"
-        elif sha256(path) != item["sha256"]:
-            entry.error = f"{item['file']} does not match the sha256 in its manifest"
+    served = [manifest["artifacts"][backend], manifest["curves"]] + ([manifest["test_set"]] if "test_set" in manifest else [])
+    entry.error = next(filter(None, (file_problem(folder, item) for item in served)), None)
     return entry
 
 
 def scan(exports_dir: Path, backend: str) -> list[ModelEntry]:
-    """Every sub-folder of the exports folder, in name order, checked."""
-    schema = load_schema(exports_dir)
-    return [check_export(folder, schema, backend)
+    """Every sub-folder of the exports folder (hidden ones are exports being written), in name order."""
+    if not exports_dir.is_dir():
+        raise ExportsError(f"exports folder {exports_dir} does not exist")
+    return [check_export(folder, backend)
             for folder in sorted(p for p in exports_dir.iterdir() if p.is_dir() and not p.name.startswith("."))]

@@ -1,4 +1,5 @@
-"""Start the real server on a loopback port, and build a tiny SVHN-shaped export for 32x32 tests."""
+"""The service in-process (route tests) or as a real server on a loopback port (process tests), and a
+tiny SVHN-shaped export for 32x32 tests."""
 import io
 import os
 import shutil
@@ -12,14 +13,31 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from PIL import Image
 from torch import nn
+
+from serving import routes
+from serving.config import Config
+from serving.metrics import RequestMetrics
+from serving.service import Service
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # The SVHN export contract: RGB uint8 crops as the service receives them.
 SVHN_INPUT = {"name": "pixels", "shape": [None, 3, 32, 32], "dtype": "uint8", "range": [0, 255],
               "layout": "NCHW", "color": "RGB"}
+
+
+def in_process(exports: Path, **settings) -> TestClient:
+    """The digitserve app in this process, without LitServe (which forks processes): the same
+    routes, service and metrics middleware. Use as a context manager (it runs the lifespan)."""
+    service = Service(Config(exports=exports, **settings))
+    app = FastAPI()
+    app.add_middleware(RequestMetrics, metrics=service.metrics)
+    routes.install(app, service)
+    return TestClient(app, raise_server_exceptions=False)
 
 
 def free_port() -> int:
@@ -29,13 +47,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, exports: Path, env: dict | None = None, args: tuple = ()):
+    def __init__(self, exports: Path, env: dict | None = None, args: tuple = (), cwd: Path = ROOT):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"digitserve-{self.port}.log", "w+")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "serving", "--exports", str(exports), "--port", str(self.port), *args],
-            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT,
+            cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT,
             start_new_session=True)  # its own process group, so no LitServe worker outlives the test
 
     def wait_ready(self, timeout: float = 90) -> None:
@@ -115,6 +133,5 @@ def png(array: np.ndarray, mode: str | None = None, **save) -> bytes:
 
 def copy_committed(exports: Path, *names: str) -> None:
     exports.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ROOT / "exports" / "manifest.schema.json", exports)
     for name in names:
         shutil.copytree(ROOT / "exports" / name, exports / name)

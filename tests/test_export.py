@@ -7,6 +7,7 @@ import onnxruntime
 import pytest
 import torch
 
+import export_contract as contract
 from serving import registry
 from training import digits, export
 from training.train import train_digits
@@ -27,28 +28,29 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 def test_committed_exports_validate_and_hashes_match():
-    schema = registry.load_schema(EXPORTS)
     entries = {entry.name: entry for entry in registry.scan(EXPORTS, "onnx")}
     for name in COMMITTED:
         entry = entries[name]
         assert entry.available, entry.error
-        assert registry.schema_errors(entry.manifest, schema) == []
-        for artifact in entry.manifest["artifacts"].values():
-            assert registry.sha256(entry.folder / artifact["file"]) == artifact["sha256"]
+        assert contract.schema_errors(entry.manifest) == []
+        m = entry.manifest
+        for item in [*m["artifacts"].values(), m["curves"], m["test_set"]]:
+            assert contract.sha256(entry.folder / item["file"]) == item["sha256"]
 
 
 def test_schema_accepts_good_and_names_what_is_wrong_with_bad(tiny_run):
-    schema = registry.load_schema(EXPORTS)
     manifest = json.loads((tiny_run / "export" / "digits-cnn" / "model.json").read_text())
-    assert registry.schema_errors(manifest, schema) == []
+    assert contract.schema_errors(manifest) == []
     broken = json.loads(json.dumps(manifest))
     broken["metrics"]["test"]["error"] = 1.5
     del broken["artifacts"]["onnx"]["sha256"]
-    problems = registry.schema_errors(broken, schema)
+    broken["curves"]["file"] = "../../etc/passwd"
+    problems = contract.schema_errors(broken)
     assert any(p.startswith("artifacts/onnx: 'sha256' is a required property") for p in problems), problems
     assert any(p.startswith("metrics/test/error: 1.5 is greater than the maximum of 1") for p in problems), problems
+    assert any(p.startswith("curves/file: '../../etc/passwd' does not match") for p in problems), problems
     with pytest.raises(ExportError, match="metrics/test/error"):
-        export.validate_manifest(broken, schema)
+        export.validate_manifest(broken)
 
 
 def test_parity_and_metrics_measured_on_the_onnx_artifact(tiny_run):
@@ -108,7 +110,7 @@ def test_failed_export_leaves_previous_export_intact(tiny_run, tmp_path, monkeyp
         export_model(model, run, tiny_run, digits.INPUT_SPEC, test.x, test.y, "digits-cnn", exports_dir,
                      embed_test_set=True)
     assert {p.name: p.read_bytes() for p in (exports_dir / "digits-cnn").iterdir()} == before
-    assert sorted(p.name for p in exports_dir.iterdir()) == ["digits-cnn", "manifest.schema.json"]
+    assert sorted(p.name for p in exports_dir.iterdir()) == ["digits-cnn"]
 
 
 def test_export_cli_round_trip_and_bad_run_folders(cli, tiny_run, tmp_path):
@@ -153,7 +155,7 @@ def test_committed_model_retrains_bit_for_bit(name, tmp_path):
     assert training["reproducibility"]["pinned"]
     run_dir, metrics = train_digits(manifest["arch"], training["seed"], training["config"]["max_epochs"],
                                     training["config"]["patience"], torch.device("cpu"), tmp_path, progress=False)
-    assert registry.sha256(run_dir / "model.pt") == training["checkpoint_sha256"]
+    assert contract.sha256(run_dir / "model.pt") == training["checkpoint_sha256"]
     assert metrics["val_nll"] == manifest["metrics"]["val_nll"]
     # The manifest's figures are ONNX Runtime's, whose kernels follow the CPU: the error count is the
     # same; the NLL agrees far below the digits shown anywhere.

@@ -1,18 +1,19 @@
-"""The real server on a loopback port, spoken to over HTTP."""
-import asyncio
+"""The routes, in-process (FastAPI's TestClient): prediction, models, v2, errors, metrics, auth.
+Process, signal and multi-worker behaviour: tests/test_server.py, against a real server."""
 import base64
 import io
 import json
 import shutil
-import time
+from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import numpy as np
 import onnxruntime
 import pytest
+import torch
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
-from serving_helpers import ROOT, ServerProcess, build_svhn_export, copy_committed, png, synthetic_svhn
+from serving_helpers import build_svhn_export, copy_committed, in_process, png, synthetic_svhn
 from training import digits
 
 API_KEY = "test-key-123"
@@ -33,18 +34,8 @@ def exports(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(exports):
-    process = ServerProcess(exports, args=("--max-batch-size", "32", "--batch-timeout", "0.01"))
-    try:
-        process.wait_ready()
-        yield process
-    finally:
-        process.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=30) as c:
+def client(exports):
+    with in_process(exports, max_batch_size=32, batch_timeout=0.01) as c:
         yield c
 
 
@@ -232,27 +223,22 @@ def test_bad_input(client, request_kwargs, status, message):
     assert ok.status_code == 200
 
 
-def test_concurrent_mixed_requests_each_get_their_own_answer(server, exports, test_digits):
+def test_concurrent_mixed_requests_each_get_their_own_answer(client, exports, test_digits):
     images, _ = test_digits
     svhn_x, svhn_y = synthetic_svhn(100, seed=11)
     digit_pngs = [digit_png(images[i]) for i in range(120)]
     quantised = (np.round(images[:120] * 255 / 16) * (16 / 255)).astype(np.float32)[:, None]
     expected_digits = offline(exports, "digits-cnn", quantised)
 
-    async def one(client, i):
+    def one(i):
         if i % 2 == 0 and i // 2 < 120:
             data = digit_pngs[i // 2]
         else:
             data = png(svhn_x[i % 100].transpose(1, 2, 0), "RGB")
-        response = await client.post("/predict", files={"file": (f"req{i}.png", data)})
-        return i, response
+        return i, client.post("/predict", files={"file": (f"req{i}.png", data)})
 
-    async def burst():
-        limits = httpx.Limits(max_connections=250)
-        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as client:
-            return await asyncio.gather(*(one(client, i) for i in range(240)))
-
-    results = asyncio.run(burst())
+    with ThreadPoolExecutor(32) as pool:  # requests in flight together on the app's event loop
+        results = list(pool.map(one, range(240)))
     batch_sizes = []
     for i, response in results:
         assert response.status_code == 200, response.text
@@ -310,24 +296,40 @@ def test_v2_fractional_values_for_a_uint8_model_are_refused(client):
 
 # --- metrics and OpenAPI ---
 
-def test_metrics_counters_move(client):
-    def count():
-        text = client.get("/metrics").text
-        for line in text.splitlines():
-            if line.startswith('digitserve_requests_total{model="digits-mlp",route="/predict",method="POST",status="200"}'):
-                return int(line.rsplit(" ", 1)[1])
-        return 0
-    before = count()
+def metric(client, name: str, **labels) -> float:
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def test_metrics_count_requests_images_and_queue_vs_inference_time(client):
+    labels = {"model": "digits-mlp", "route": "/predict", "method": "POST", "status": "200"}
+    before = metric(client, "digitserve_http_requests_total", **labels)
+    images_before = metric(client, "digitserve_images_total", model="digits-mlp")
     for _ in range(3):
-        client.post("/predict", json={"model": "digits-mlp", "pixels": [np.zeros((8, 8)).tolist()]})
-    # each HTTP process publishes its counters at least once a second; the scrape merges them all
-    deadline = time.monotonic() + 5
-    while count() != before + 3 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert count() == before + 3
-    text = client.get("/metrics").text
-    assert 'digitserve_model_status{model="digits-broken",status="unavailable"} 1' in text
-    assert "digitserve_batch_size_bucket" in text and 'digitserve_request_seconds_bucket{route="/predict"' in text
+        client.post("/predict", json={"model": "digits-mlp", "pixels": [np.zeros((8, 8)).tolist()] * 2})
+    assert metric(client, "digitserve_http_requests_total", **labels) == before + 3
+    assert metric(client, "digitserve_images_total", model="digits-mlp") == images_before + 6
+    assert metric(client, "digitserve_queue_duration_seconds_count", model="digits-mlp") >= 3
+    assert metric(client, "digitserve_inference_duration_seconds_count", model="digits-mlp") >= 3
+    assert metric(client, "digitserve_queue_images") == 0
+    assert metric(client, "digitserve_model_info", model="digits-cnn", status="ready", device="cpu") == 1
+    assert metric(client, "digitserve_http_request_duration_seconds_count", route="/predict") > 0
+
+
+def test_hostile_requests_cannot_add_series_or_break_the_exposition(client):
+    for path in ["/models/a%22b", "/models/a|b", "/models/a%0Ab", "/models/" + "x" * 300, "/no/such", "/v2/models/a%22"]:
+        client.get(path)
+    client.request("BREW", "/models/digits-cnn")
+    families = list(text_string_to_metric_families(client.get("/metrics").text))  # it parses: the format holds
+    labels = [sample.labels for family in families for sample in family.samples]
+    templates = {*client.get("/openapi.json").json()["paths"], "/"}
+    assert {l["model"] for l in labels if "model" in l} <= {"digits-cnn", "digits-mlp", "svhn-tiny", "digits-broken",
+                                                            "other", ""}
+    assert {l["route"] for l in labels if "route" in l} <= templates | {"other"}
+    assert {l["method"] for l in labels if "method" in l} <= {"GET", "POST", "other"}
 
 
 def test_openapi_documents_real_schemas(client):
@@ -339,50 +341,33 @@ def test_openapi_documents_real_schemas(client):
     assert client.get("/docs").status_code == 200
 
 
-# --- startup and auth (their own servers) ---
+# --- auth, backends, start-up ---
 
 def test_api_key_guards_prediction_and_model_routes(exports):
-    process = ServerProcess(exports, env={"DIGITSERVE_API_KEY": API_KEY})
-    try:
-        process.wait_ready()
-        with httpx.Client(base_url=process.url, timeout=30) as c:
-            body = {"pixels": [np.zeros((8, 8)).tolist()]}
-            assert c.post("/predict", json=body).status_code == 401
-            assert c.post("/predict", json=body, headers={"X-API-Key": "wrong"}).status_code == 401
-            assert c.post("/predict", json=body, headers={"X-API-Key": API_KEY}).status_code == 200
-            assert c.post("/predict", json=body, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
-            assert c.get("/models").status_code == 401 and "API key" in c.get("/models").json()["error"]
-            assert c.get("/v2/models/digits-cnn").status_code == 401
-            assert c.get("/health").status_code == 200 and c.get("/ready").status_code == 200
-    finally:
-        process.stop()
+    with in_process(exports, api_key=API_KEY) as c:
+        body = {"pixels": [np.zeros((8, 8)).tolist()]}
+        assert c.post("/predict", json=body).status_code == 401
+        assert c.post("/predict", json=body, headers={"X-API-Key": "wrong"}).status_code == 401
+        assert c.post("/predict", json=body, headers={"X-API-Key": API_KEY}).status_code == 200
+        assert c.post("/predict", json=body, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+        assert c.get("/models").status_code == 401 and "API key" in c.get("/models").json()["error"]
+        assert c.get("/v2/models/digits-cnn").status_code == 401
+        assert c.get("/health").status_code == 200 and c.get("/ready").status_code == 200
+        assert c.get("/metrics").status_code == 200
 
 
 def test_torchscript_backend_serves_the_same_predictions(exports, client, test_digits):
     images, _ = test_digits
     body = {"model": "digits-mlp", "pixels": [images[i].tolist() for i in range(5)]}
     onnx_predictions = client.post("/predict", json=body).json()["predictions"]
-    process = ServerProcess(exports, args=("--backend", "torchscript"))
-    try:
-        process.wait_ready()
-        with httpx.Client(base_url=process.url, timeout=30) as c:
-            assert c.get("/models").json()["backend"] == "torchscript"
-            predictions = c.post("/predict", json=body).json()["predictions"]
-            v2 = c.post("/v2/models/svhn-tiny/infer", json={"inputs": [{"name": "pixels", "shape": [1, 3, 32, 32],
-                        "datatype": "UINT8", "data": synthetic_svhn(1, seed=5)[0].ravel().tolist()}]})
-            assert v2.status_code == 200
-    finally:
-        process.stop()
+    with in_process(exports, backend="torchscript") as c:
+        models = c.get("/models").json()
+        assert models["backend"] == "torchscript"
+        assert {m["provider"] for m in models["models"] if m["status"] == "ready"} == {f"torch {torch.__version__}"}
+        predictions = c.post("/predict", json=body).json()["predictions"]
+        v2 = c.post("/v2/models/svhn-tiny/infer", json={"inputs": [{"name": "pixels", "shape": [1, 3, 32, 32],
+                    "datatype": "UINT8", "data": synthetic_svhn(1, seed=5)[0].ravel().tolist()}]})
+        assert v2.status_code == 200
     for ts, ort in zip(predictions, onnx_predictions):
         assert ts["label"] == ort["label"]
         assert np.allclose(ts["probabilities"], ort["probabilities"], atol=1e-5)
-
-
-def test_no_usable_model_refuses_to_start(tmp_path, cli):
-    (tmp_path / "exports").mkdir()
-    shutil.copy(ROOT / "exports" / "manifest.schema.json", tmp_path / "exports")
-    (tmp_path / "exports" / "junk").mkdir()
-    result = cli("serving", "--exports", str(tmp_path / "exports"), "--port", "1", timeout=60)
-    assert result.returncode == 1 and "no usable model" in result.stderr and "junk: no model.json" in result.stderr
-    result = cli("serving", "--exports", str(tmp_path / "missing"), timeout=60)
-    assert result.returncode == 1 and "does not exist" in result.stderr

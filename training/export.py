@@ -5,11 +5,8 @@ Every export runs the test split through both artifacts, checks them against the
 records the metrics measured on the ONNX artifact: the served model is the measured model.
 """
 import json
-import os
 import pickle
-import re
 import shutil
-import tempfile
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,7 +16,7 @@ import onnx
 import onnxruntime
 import torch
 
-from serving import registry  # the reading side of the manifest contract, reused to check writes
+import export_contract as contract
 from training.errors import ExportError
 from training.recipes import ARCHS
 from training.runs import atomic_folder, plot_curves, write_json
@@ -27,24 +24,16 @@ from training.runs import atomic_folder, plot_curves, write_json
 # TorchScript is deprecated upstream but is the artifact the TorchScript backend asks for; say it once, not per call.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
 
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "exports" / "manifest.schema.json"
 PARITY_TOLERANCE = 1e-4  # max |log-prob| difference between an artifact and the PyTorch model
 ONNX_OPSET = 18
 LABELS = [str(digit) for digit in range(10)]
 
 
-def validate_manifest(manifest: dict, schema: dict) -> None:
+def validate_manifest(manifest: dict) -> None:
     """Raise ExportError naming every violation (the same check the server applies on reading)."""
-    problems = registry.schema_errors(manifest, schema)
+    problems = contract.schema_errors(manifest)
     if problems:
         raise ExportError("manifest invalid: " + "; ".join(problems))
-
-
-def log_softmax_nll(log_probs: np.ndarray, labels: np.ndarray) -> dict:
-    predictions = log_probs.argmax(1)
-    errors = int((predictions != labels).sum())
-    return {"nll": float(-log_probs[np.arange(len(labels)), labels].mean()), "error": errors / len(labels),
-            "errors": errors, "n": int(len(labels))}
 
 
 def save_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
@@ -79,9 +68,8 @@ def export_model(model: torch.nn.Module, run: dict, run_dir: Path, input_spec: d
     `embed_test_set` stores the test split beside the artifacts (small sets only, e.g. digits: 114 KB)
     so the server can re-measure the served model without any training code or download.
     """
-    schema = registry.load_schema(SCHEMA_PATH.parent)
-    if not re.fullmatch(schema["properties"]["name"]["pattern"], name):
-        raise ExportError(f"export name {name!r} must match {schema['properties']['name']['pattern']}")
+    if problem := contract.name_error(name):
+        raise ExportError(problem)
     model = model.cpu().eval()
     test_x, labels = test_x.cpu(), test_y.cpu().numpy()
     input_name = input_spec["name"]
@@ -98,28 +86,28 @@ def export_model(model: torch.nn.Module, run: dict, run_dir: Path, input_spec: d
             if parity[f"{artifact}_max_abs"] > PARITY_TOLERANCE or not np.array_equal(out.argmax(1), reference.argmax(1)):
                 raise ExportError(f"{artifact} artifact disagrees with the PyTorch model: max |diff| "
                                   f"{parity[f'{artifact}_max_abs']:.2e} (tolerance {PARITY_TOLERANCE:.0e})")
-        test = {**log_softmax_nll(onnx_out, labels), "measured_on": "onnx"}
+        test = {**contract.test_metrics(onnx_out, labels), "measured_on": "onnx"}
         plot_curves(staging / "curves", run["val_nll"], run["val_error"], test["nll"], test["error"],
                     f"{name}: best epoch {run['best_epoch']}, test error {test['errors']}/{test['n']}")
         (staging / "curves.pdf").unlink()  # the service shows the PNG; the PDF stays in the run folder
-        onnx_sha = registry.sha256(onnx_path)
+        onnx_sha = contract.sha256(onnx_path)
         now = datetime.now(timezone.utc)
         test_set = {}
         if embed_test_set:
             # np.savez stores plain arrays; the server reads them back with allow_pickle=False.
             np.savez(staging / "test_set.npz", x=test_x.numpy(), y=labels)
-            test_set = {"test_set": {"file": "test_set.npz", "sha256": registry.sha256(staging / "test_set.npz"), "n": len(labels)}}
+            test_set = {"test_set": {"file": "test_set.npz", "sha256": contract.sha256(staging / "test_set.npz"), "n": len(labels)}}
         manifest = {
-            "schema_version": 1, "name": name, "version": f"{now:%Y%m%dT%H%M%SZ}-{onnx_sha[:8]}",
+            "schema_version": contract.SCHEMA_VERSION, "name": name, "version": f"{now:%Y%m%dT%H%M%SZ}-{onnx_sha[:8]}",
             "task": run["task"], "arch": run["arch"], "summary": run.get("summary", ""),
             "created_at": now.isoformat(timespec="seconds"),
             "input": input_spec, "output": {"name": "log_probs", "shape": [None, 10], "kind": "log_probabilities"},
             "labels": LABELS,
             "artifacts": {
                 "onnx": {"file": onnx_path.name, "sha256": onnx_sha, "bytes": onnx_path.stat().st_size, "opset": ONNX_OPSET},
-                "torchscript": {"file": ts_path.name, "sha256": registry.sha256(ts_path), "bytes": ts_path.stat().st_size},
+                "torchscript": {"file": ts_path.name, "sha256": contract.sha256(ts_path), "bytes": ts_path.stat().st_size},
             },
-            "curves": "curves.png",
+            "curves": {"file": "curves.png", "sha256": contract.sha256(staging / "curves.png")},
             **test_set,
             "metrics": {"best_epoch": run["best_epoch"], "epochs_run": run["epochs_run"], "val_nll": run["val_nll"],
                         "val_error": run["val_error"], "test": test, "parity": parity},
@@ -127,9 +115,8 @@ def export_model(model: torch.nn.Module, run: dict, run_dir: Path, input_spec: d
                          "wall_seconds": run["wall_seconds"], "run": run_dir.name,
                          **{key: run[key] for key in ("reproducibility", "checkpoint_sha256") if key in run}},
         }
-        validate_manifest(manifest, schema)
-        write_json(staging / "model.json", manifest)
-    publish_schema(exports_dir)
+        validate_manifest(manifest)
+        write_json(staging / contract.MANIFEST_FILE, manifest)
     return exports_dir / name
 
 
@@ -163,15 +150,4 @@ def publish(export_folder: Path, exports_dir: Path) -> Path:
     """Copy a finished export into a serving exports folder, replacing any export of that name atomically."""
     with atomic_folder(exports_dir / export_folder.name) as staging:
         shutil.copytree(export_folder, staging, dirs_exist_ok=True)
-    publish_schema(exports_dir)
     return exports_dir / export_folder.name
-
-
-def publish_schema(exports_dir: Path) -> None:
-    """Every exports folder carries the schema its manifests follow (atomic replace)."""
-    target = exports_dir / SCHEMA_PATH.name
-    if target.resolve() == SCHEMA_PATH or (target.exists() and target.read_bytes() == SCHEMA_PATH.read_bytes()):
-        return
-    with tempfile.NamedTemporaryFile(dir=exports_dir, delete=False, suffix=".tmp") as tmp:
-        tmp.write(SCHEMA_PATH.read_bytes())
-    os.replace(tmp.name, target)

@@ -34,6 +34,7 @@ def atomic_folder(final: Path):
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; others (a container's user) must read it
     try:
         yield staging
         if final.exists():
@@ -46,6 +47,12 @@ def atomic_folder(final: Path):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def utc_stamp() -> str:

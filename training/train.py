@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from serving.registry import sha256
+from export_contract import sha256
 from training import digits, reproducible, svhn
 from training.errors import UsageError
 from training.export import export_model

@@ -1,0 +1,119 @@
+"""The server's settings: command-line flags and their DIGITSERVE_* environment variables.
+
+Every flag has a variable (`--max-batch-size` <-> DIGITSERVE_MAX_BATCH_SIZE), both go through the
+same checks, and the flag wins. Bad values are refused here, before anything starts, as one line.
+"""
+import argparse
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+ENV_PREFIX = "DIGITSERVE_"
+# LitServe binds only these (checked in its run(), after start-up output); say so up front instead.
+HOSTS = ("127.0.0.1", "0.0.0.0", "::")
+
+
+@dataclass(frozen=True)
+class Config:
+    exports: Path = Path("exports")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backend: str = "onnx"
+    device: str = "auto"
+    max_batch_size: int = 64
+    batch_timeout: float = 0.0
+    workers: int = 2
+    max_payload_bytes: int = 1 << 20
+    max_queue: int = 256
+    api_key: str | None = None  # only from DIGITSERVE_API_KEY: a flag would show in `ps`
+
+
+class ConfigError(Exception):
+    """A flag or DIGITSERVE_* variable with a value the server cannot use."""
+
+
+def integer(low: int, high: int | None = None):
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {low}..{high}, got {value}" if high is not None
+                                             else f"must be at least {low}, got {value}")
+        return value
+    return check
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be 0..1 seconds, got {text}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (no usage dump), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = Config()
+    p = Parser(prog="python -m serving", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--exports", type=Path, default=defaults.exports, help="folder of exported models")
+    p.add_argument("--host", choices=HOSTS, default=defaults.host,
+                   help="address to listen on (0.0.0.0 or :: for every interface)")
+    p.add_argument("--port", type=integer(1024, 65535), default=defaults.port)
+    p.add_argument("--backend", choices=["onnx", "torchscript"], default=defaults.backend,
+                   help="ONNX Runtime, or TorchScript (needs torch)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=defaults.device,
+                   help="auto: the GPU when one is usable")
+    p.add_argument("--max-batch-size", type=integer(1, 4096), default=defaults.max_batch_size,
+                   help="images batched into one inference call")
+    p.add_argument("--batch-timeout", type=seconds, default=defaults.batch_timeout,
+                   help="extra seconds a batch waits to fill (0: it holds what arrived while the previous one ran)")
+    p.add_argument("--workers", type=integer(1, 256), default=defaults.workers,
+                   help="HTTP processes, each with its own warm models and batcher")
+    p.add_argument("--max-payload-bytes", type=integer(1), default=defaults.max_payload_bytes,
+                   help="larger request bodies get 413")
+    p.add_argument("--max-queue", type=integer(1), default=defaults.max_queue,
+                   help="images waiting for inference per HTTP process; beyond it requests get 503 at once")
+    for action in p._actions:
+        if action.dest != "help":
+            action.help = f"{action.help or ''} [{env_name(action.dest)}]".strip()
+    return p
+
+
+def env_name(dest: str) -> str:
+    return ENV_PREFIX + dest.upper()
+
+
+def parse(argv: list[str] | None = None, environ: dict | None = None) -> Config:
+    """Flags, then DIGITSERVE_* variables for the flags not given, then the defaults. A variable
+    goes through its flag's own type and choices. Raises ConfigError (variables); argparse exits 2
+    on a bad flag."""
+    environ = os.environ if environ is None else environ
+    parser = build_parser()
+    given = parser.parse_args(argv)
+    # Parsed again over a namespace of Nones, which argparse leaves alone: what the flags set.
+    explicit = parser.parse_args(argv, namespace=argparse.Namespace(**{a.dest: None for a in parser._actions}))
+    values = vars(given)
+    for action in parser._actions:
+        name = env_name(action.dest)
+        if action.dest == "help" or getattr(explicit, action.dest) is not None or not environ.get(name):
+            continue
+        text = environ[name]
+        try:
+            value = action.type(text) if action.type else text
+        except argparse.ArgumentTypeError as err:
+            raise ConfigError(f"{name}={text}: {err}") from None
+        if action.choices is not None and value not in action.choices:
+            raise ConfigError(f"{name}={text}: choose from {', '.join(map(str, action.choices))}")
+        values[action.dest] = value
+    api_key = environ.get(env_name("api_key")) or None
+    return Config(**{f.name: values[f.name] for f in fields(Config) if f.name in values}, api_key=api_key)

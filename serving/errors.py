@@ -1,0 +1,28 @@
+"""What a client can get wrong, as typed errors; routes.py maps every one to `{"error": ...}` with its status."""
+
+
+class ServiceError(Exception):
+    status = 500
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+
+
+class InputError(ServiceError):
+    """A bad upload, body or option: 400 (unreadable), 413 (too large), 415, 422 (readable but wrong)."""
+    status = 422
+
+
+class Unauthorized(ServiceError):
+    status = 401
+
+
+class ModelNotFound(ServiceError):
+    status = 404
+
+
+class ModelUnavailable(ServiceError):
+    status = 503

@@ -1,0 +1,231 @@
+"""The digitserve HTTP API (v2 protocol aside: serving/v2.py): operations, prediction, models.
+
+Routes reach the process's Service through `app.state.service`; the router's lifespan loads the
+models and starts the batcher in each HTTP process before it accepts connections. `install()` puts
+the routers and the one error mapping on an app: LitServe's (serving/server.py) or a plain FastAPI
+one in the tests.
+"""
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+import export_contract as contract
+from serving import images, schemas, v2
+from serving.batcher import Overloaded
+from serving.errors import InputError, ServiceError
+from serving.http_helpers import AUTH, error_response, read_body, service_of
+from serving.metrics import CONTENT_TYPE_LATEST
+from serving.service import MAX_IMAGES_PER_REQUEST, Service
+
+PAGE = (Path(__file__).parent / "static" / "index.html").read_text()
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    service: Service = app.state.service
+    service.start()
+    try:
+        yield
+    finally:
+        await service.stop()
+
+
+router = APIRouter(lifespan=lifespan)
+
+
+# --- liveness, readiness, metrics, page ---
+
+@router.get("/health", tags=["operations"], summary="Liveness: the process answers")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/ready", tags=["operations"], summary="Readiness: this process's models are warm",
+            responses={503: {"model": schemas.ErrorResponse}})
+async def ready(request: Request):
+    service = service_of(request)
+    if not service.ready:
+        return error_response(503, "models are still loading")
+    return {"status": "ready", "models": sorted(service.ready_models)}
+
+
+@router.get("/metrics", tags=["operations"], summary="Prometheus metrics of the whole server")
+async def metrics(request: Request):
+    return Response(service_of(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/", include_in_schema=False)
+async def page():
+    return HTMLResponse(PAGE)
+
+
+# --- prediction ---
+
+PREDICT_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": schemas.PredictJSON.model_json_schema()},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "model": {"type": "string"}, "invert": {"type": "boolean"}, "resize": {"type": "boolean"}}}},
+}}}
+
+
+@router.post("/predict", dependencies=AUTH, response_model=schemas.PredictResponse,
+             responses=schemas.ERROR_RESPONSES, openapi_extra=PREDICT_BODY, tags=["prediction"],
+             summary="Classify one or several 8x8 (digits) or 32x32 (SVHN) images")
+async def predict(request: Request):
+    """Multipart upload (any number of file fields) or JSON. Options `model`, `invert`, `resize` as
+    query parameters, form fields or JSON fields. 8x8 images go to the default digits model, 32x32 to
+    the default SVHN model, unless `model` names one."""
+    service = service_of(request)
+    body = await read_body(request)
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        inputs, options = await parse_multipart(request, body)
+    elif content_type.startswith("application/json") or not content_type:
+        inputs, options = parse_json(body)
+    else:
+        raise InputError(f"send multipart/form-data or application/json, not {content_type!r}", 415)
+    query = request.query_params
+    model = options.get("model") or query.get("model") or None
+    invert = options.get("invert") or parse_bool(query.get("invert"), "invert")
+    resize = options.get("resize") or parse_bool(query.get("resize"), "resize")
+    items = await service.prepare(inputs, model, invert, resize)
+    request.state.model = items[0][0]
+    log_probs, batch_images = await service.infer(items)
+    return {"predictions": [prediction(service, label, name, rows, batch_images)
+                            for (label, _, _), (name, _), rows in zip(inputs, items, log_probs)]}
+
+
+def prediction(service: Service, label: str, name: str, log_probs: np.ndarray, batch_images: int) -> dict:
+    probabilities = np.exp(log_probs.astype(np.float64))
+    return {"input": label, "model": name, "version": service.entries[name].manifest["version"],
+            "label": int(np.argmax(log_probs)), "probabilities": [round(float(p), 6) for p in probabilities],
+            "batch_size": batch_images}
+
+
+def parse_bool(value: str | None, name: str) -> bool:
+    if value is None or value == "":
+        return False
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise InputError(f"{name} must be true or false, got {value!r}", 422)
+
+
+async def parse_multipart(request: Request, body: bytes) -> tuple[list, dict]:
+    async def replay():  # the body already read (and size-checked), handed to Starlette's form parser
+        return {"type": "http.request", "body": body, "more_body": False}
+    try:
+        form = await Request(request.scope, replay).form(max_files=MAX_IMAGES_PER_REQUEST, max_fields=16)
+    except HTTPException as err:  # Starlette's own limits (too many files or fields)
+        raise InputError(f"malformed multipart body: {err.detail}", 400) from None
+    except Exception as err:  # the multipart parser raises several types for malformed bodies
+        raise InputError(f"malformed multipart body: {images.one_line(err)}", 400) from None
+    inputs = [(value.filename or key, "bytes", await value.read())
+              for key, value in form.multi_items() if isinstance(value, UploadFile)]
+    options = {"model": form.get("model") or None,
+               "invert": parse_bool(form.get("invert"), "invert"), "resize": parse_bool(form.get("resize"), "resize")}
+    return inputs, options
+
+
+def parse_json(body: bytes) -> tuple[list, dict]:
+    try:
+        payload = schemas.PredictJSON.model_validate_json(body)
+    except ValidationError as err:
+        first = err.errors()[0]
+        status = 400 if first["type"] == "json_invalid" else 422
+        raise InputError(f"invalid JSON body: {first['msg']} at {'/'.join(map(str, first['loc'])) or '(root)'}",
+                         status) from None
+    inputs = [(f"images[{i}]", "bytes", images.decode_base64(text)) for i, text in enumerate(payload.images)]
+    inputs += [(f"pixels[{i}]", "pixels", value) for i, value in enumerate(payload.pixels)]
+    return inputs, {"model": payload.model, "invert": payload.invert, "resize": payload.resize}
+
+
+# --- models ---
+
+@router.get("/models", dependencies=AUTH, response_model=schemas.ModelsResponse, tags=["models"],
+            summary="Every model with its status, device, input spec and held-out test metrics")
+async def list_models(request: Request):
+    service = service_of(request)
+    return {"backend": service.config.backend, "models": [service.summary(name) for name in service.entries]}
+
+
+@router.get("/models/{name}", dependencies=AUTH, responses=schemas.ERROR_RESPONSES, tags=["models"],
+            summary="The full manifest (with validation curves) and a link to its curves image")
+async def get_model(name: str, request: Request):
+    service = service_of(request)
+    entry = service.model(name)
+    return {**service.summary(name), "manifest": entry.manifest, "curves_url": f"/models/{name}/curves.png"}
+
+
+@router.get("/models/{name}/curves.png", dependencies=AUTH, responses=schemas.ERROR_RESPONSES, tags=["models"],
+            response_class=FileResponse, summary="Validation curves with the test value dashed")
+async def get_curves(name: str, request: Request):
+    entry = service_of(request).model(name)
+    return FileResponse(entry.file(entry.manifest["curves"]), media_type="image/png")
+
+
+@router.post("/models/{name}/evaluate", dependencies=AUTH, response_model=schemas.EvaluateResponse,
+             responses=schemas.ERROR_RESPONSES, tags=["models"],
+             summary="Run the held-out test split through the served backend now")
+async def evaluate(name: str, request: Request):
+    service = service_of(request)
+    entry = service.model(name)
+    if "test_set" not in entry.manifest:
+        raise InputError(f"model {name!r} carries no embedded test split to evaluate on", 422)
+    with np.load(entry.file(entry.manifest["test_set"]), allow_pickle=False) as data:
+        x, y = data["x"], data["y"]
+    started = time.perf_counter()
+    log_probs = []
+    for start in range(0, len(y), MAX_IMAGES_PER_REQUEST):
+        chunk = x[start:start + MAX_IMAGES_PER_REQUEST]
+        log_probs += (await service.infer([(name, array) for array in chunk]))[0]
+    served = contract.test_metrics(np.stack(log_probs), y)
+    recorded = {k: entry.manifest["metrics"]["test"][k] for k in ("nll", "error", "errors", "n")}
+    return {"model": name, "backend": service.config.backend, "served": served, "manifest": recorded,
+            "agrees": contract.reproduces(served, recorded), "seconds": round(time.perf_counter() - started, 4)}
+
+
+# --- errors: every one as {"error": ...} with its status ---
+
+async def service_error(request: Request, err: ServiceError) -> JSONResponse:
+    headers = {"Retry-After": str(Overloaded.retry_after)} if isinstance(err, Overloaded) else None
+    return error_response(err.status, err.message, headers)
+
+
+async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+    """Starlette's own: unknown paths (404), wrong methods (405)."""
+    message = f"no route {request.url.path}" if err.status_code == 404 else str(err.detail)
+    return error_response(err.status_code, message, getattr(err, "headers", None))
+
+
+async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    first = err.errors()[0]
+    return error_response(422, f"{first['msg']} at {'/'.join(map(str, first['loc']))}")
+
+
+async def unexpected_error(request: Request, err: Exception) -> JSONResponse:
+    """A bug: the client gets one JSON line; Starlette re-raises so that the server logs the traceback."""
+    return error_response(500, "internal error (logged by the server)")
+
+
+def install(app: FastAPI, service: Service) -> None:
+    """The digitserve routes, the v2 protocol and the error mapping, on `app`."""
+    app.state.service = service
+    app.title = "digitserve"
+    app.description = "Digit classification (8x8 digits, 32x32 SVHN) over exported ONNX/TorchScript models."
+    app.include_router(router)
+    app.include_router(v2.router)
+    app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, unexpected_error)

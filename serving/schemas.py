@@ -1,0 +1,91 @@
+"""Request and response bodies: the Pydantic models behind validation and the OpenAPI document."""
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class PredictJSON(BaseModel):
+    model: str | None = Field(None, description="model name; default: routed by image size")
+    invert: bool = Field(False, description="digits: the image is dark ink on a light background")
+    resize: bool = Field(False, description="resize other sizes (antialiased) instead of refusing them")
+    images: list[str] = Field(default_factory=list, description="base64 (or data-URL) encoded image files")
+    pixels: list[Any] = Field(default_factory=list,
+                              description="raw arrays: 8x8 on 0..16 (digits) or 32x32x3 on 0..255 (SVHN, RGB)")
+
+
+class Prediction(BaseModel):
+    input: str = Field(description="the upload's file name, or images[i] / pixels[i]")
+    model: str
+    version: str
+    label: int
+    probabilities: list[float] = Field(description="one per class 0..9")
+    batch_size: int = Field(description="images in the inference call this one shared")
+
+
+class PredictResponse(BaseModel):
+    predictions: list[Prediction]
+
+
+class TestMetrics(BaseModel):
+    nll: float
+    error: float
+    errors: int
+    n: int
+
+
+class ModelSummary(BaseModel):
+    name: str
+    status: str = Field(description="ready | loading | unavailable")
+    reason: str | None = Field(None, description="why the model is unavailable")
+    task: str | None = None
+    version: str | None = None
+    summary: str | None = None
+    default_for: str | None = Field(None, description="the image size this model answers by default")
+    input: dict | None = None
+    device: str | None = Field(None, description="cuda | cpu: where this process runs the model")
+    provider: str | None = Field(None, description="the ONNX Runtime execution provider, or the torch version")
+    test: TestMetrics | None = None
+    best_epoch: int | None = None
+    epochs_run: int | None = None
+
+
+class ModelsResponse(BaseModel):
+    backend: str
+    models: list[ModelSummary]
+
+
+class EvaluateResponse(BaseModel):
+    model: str
+    backend: str
+    served: TestMetrics
+    manifest: TestMetrics
+    agrees: bool = Field(description="same error count and NLL within 1e-4 of the manifest's")
+    seconds: float
+
+
+class ErrorResponse(BaseModel):
+    error: str
+
+
+class V2Tensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+
+
+class V2InferRequest(BaseModel):
+    id: str | None = None
+    inputs: list[V2Tensor]
+    outputs: list[dict] | None = None
+    parameters: dict | None = None
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[V2Tensor]
+
+
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 422, 503)}

@@ -1,0 +1,141 @@
+"""The real server: LitServe's processes on a loopback port, its start-up checks, and the one place
+that touches LitServe's internals (serving/server.py's litserve_workarounds)."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import litserve
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving import server as digitserve_server
+from serving.config import Config
+from serving_helpers import ROOT, ServerProcess, copy_committed
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("exports")
+    copy_committed(folder, "digits-mlp", "digits-cnn")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(exports):
+    process = ServerProcess(exports, args=("--workers", "2"))
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+def test_litserve_is_the_version_the_workarounds_were_checked_against():
+    # Not a pin: a reminder. If this fails after an upgrade, re-read serving/server.py's
+    # litserve_workarounds() against the new LitServe, then move LITSERVE_CHECKED.
+    assert litserve.__version__ == digitserve_server.LITSERVE_CHECKED
+
+
+def test_our_routes_replace_the_litserve_ones_it_has_no_parameter_for(exports):
+    litserver, _ = digitserve_server.build(Config(exports=exports))
+    client = TestClient(litserver.app)  # no lifespan: LitServe's needs its worker processes
+    assert client.get("/").text.startswith("<!doctype html>")  # LitServe's would say "litserve running"
+    paths = client.get("/openapi.json").json()["paths"]
+    assert paths["/predict"]["post"]["summary"].startswith("Classify")  # ours, not LitServe's queue path
+    assert {"/health", "/ready", "/litserve/health", "/litserve/info"} <= set(paths)
+    assert litserver.uvicorn_graceful_timeout == digitserve_server.GRACEFUL_SHUTDOWN_SECONDS
+    with pytest.raises(RuntimeError, match="check litserve_workarounds"):
+        digitserve_server.litserve_workarounds(litserver)  # the routes it removes are gone: it says so loudly
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return found
+
+
+def test_litserve_worker_holds_no_model(server):
+    workers = [pid for pid in children(server.process.pid)
+               if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(workers) == 1, "LitServe starts one worker process (spawned)"
+    maps = Path(f"/proc/{workers[0]}/maps").read_text()
+    assert "onnxruntime" not in maps and "libtorch" not in maps
+
+
+def test_metrics_sum_every_http_process(server):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        body = {"model": "digits-mlp", "pixels": [np.zeros((8, 8)).tolist()]}
+        for _ in range(40):  # new connections: the kernel spreads them over both processes
+            assert httpx.post(server.url + "/predict", json=body, timeout=30).status_code == 200
+        families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    requests = [s for s in families["digitserve_http_requests"].samples
+                if s.name.endswith("_total") and s.labels["route"] == "/predict" and s.labels["model"] == "digits-mlp"]
+    assert sum(s.value for s in requests) == 40
+    info = {s.labels["model"]: s.value for s in families["digitserve_model_info"].samples}
+    assert info == {"digits-cnn": 1, "digits-mlp": 1}
+
+
+@pytest.mark.parametrize("args, env, status, message", [
+    (["--port", "80"], {}, 2, "argument --port: must be 1024..65535"),
+    (["--host", "10.0.0.1"], {}, 2, "argument --host: invalid choice"),
+    ([], {"DIGITSERVE_WORKERS": "0"}, 2, "DIGITSERVE_WORKERS=0: must be 1..256"),
+    ([], {"DIGITSERVE_PORT": "http"}, 2, "DIGITSERVE_PORT=http: 'http' is not an integer"),
+    ([], {"DIGITSERVE_DEVICE": "tpu"}, 2, "DIGITSERVE_DEVICE=tpu: choose from auto, cpu, cuda"),
+    (["--workers", "3"], {"DIGITSERVE_WORKERS": "0"}, 1, "does not exist"),  # the flag wins over the variable
+    (["--exports", "missing"], {}, 1, "exports folder missing does not exist"),
+])
+def test_bad_settings_are_one_line_before_anything_starts(cli, tmp_path, args, env, status, message):
+    exports = ["--exports", str(tmp_path / "missing")] if "--exports" not in args else []
+    result = cli("serving", *exports, *args, env={**os.environ, **env}, cwd=tmp_path, timeout=60)
+    assert result.returncode == status, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_no_usable_model_refuses_to_start(tmp_path, cli):
+    (tmp_path / "exports" / "junk").mkdir(parents=True)
+    result = cli("serving", "--exports", str(tmp_path / "exports"), timeout=60)
+    assert result.returncode == 1 and "no usable model" in result.stderr and "junk: no model.json" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_wheel_install_trains_exports_and_serves(tmp_path, cli):
+    """Not editable, away from the checkout: the schema and the page must travel inside the package."""
+    source, wheels, site = tmp_path / "source", tmp_path / "wheels", tmp_path / "site"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "export_contract", "serving", "training"):  # setuptools builds in place
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, source / name)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(wheels), str(source)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    (wheel,) = wheels.glob("digitserve-*.whl")
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
+                              str(wheel)], capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr
+    env = {**os.environ, "PYTHONPATH": str(site)}  # ahead of the checkout's editable install
+    where = subprocess.run([sys.executable, "-c", "import serving, training, export_contract as c; "
+                            "print(serving.__file__, training.__file__, c.__file__)"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert where.stdout.count(str(site)) == 3, where.stdout + where.stderr
+    trained = subprocess.run([sys.executable, "-m", "training", "digits", "--arch", "cnn", "--max-epochs", "2",
+                              "--out", "runs", "--export-to", "exports"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr
+    process = ServerProcess(tmp_path / "exports", env=env, cwd=tmp_path)
+    try:
+        process.wait_ready()
+        assert httpx.get(process.url + "/").text.startswith("<!doctype html>")
+        body = {"pixels": [np.zeros((8, 8)).tolist()]}
+        assert httpx.post(process.url + "/predict", json=body, timeout=30).json()["predictions"][0]["model"] == "digits-cnn"
+    finally:
+        process.stop()
