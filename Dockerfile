@@ -27,11 +27,7 @@ COPY pyproject.toml README.md ./
 COPY export_contract ./export_contract
 COPY serving ./serving
 COPY training ./training
-# The CPU onnxruntime that pyproject names is swapped for the GPU build of the same version (both
-# provide the `onnxruntime` module and must not coexist).
-RUN pip install . \
- && pip uninstall --yes onnxruntime \
- && pip install "onnxruntime-gpu[cuda,cudnn]==${ORT_VERSION}" \
+RUN pip install ".[gpu]" "onnxruntime-gpu[cuda,cudnn]==${ORT_VERSION}" \
  && if [ "${WITH_TORCH}" = "true" ]; then pip install "torch>=2.4,<2.15"; fi
 
 # --- serve: the service, as a non-root user ---
@@ -60,7 +56,7 @@ COPY pyproject.toml README.md ./
 COPY export_contract ./export_contract
 COPY serving ./serving
 COPY training ./training
-RUN python -m venv /opt/venv && /opt/venv/bin/pip install ".[train]" && chown app:app /app
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install ".[train,gpu]" && chown app:app /app
 ENV PATH=/opt/venv/bin:$PATH
 USER 10001
 ENTRYPOINT ["python", "-m", "training"]

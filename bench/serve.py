@@ -85,10 +85,11 @@ def in_process_ceiling(folder: Path, data: bytes, backend: str, device: str, sec
     """Images/s for decode + validation + one-image inference, no HTTP, one thread."""
     spec = json.loads((folder / "model.json").read_text())["input"]
     manifest = json.loads((folder / "model.json").read_text())
-    runner = BACKENDS[backend](folder / manifest["artifacts"][backend]["file"], device, spec["name"])
+    backend = BACKENDS[backend]
+    runner = backend(folder / manifest["artifacts"][backend.name]["file"], backend.resolve(device), spec["name"])
     n, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        pixels = images.to_gray_or_rgb(images.decode_image_bytes(data), spec["color"])
+        pixels = images.to_gray_or_rgb(images.decode(images.open_image(data)), spec["color"])
         runner(images.model_input(pixels, spec, invert=False)[None])
         n += 1
     return n / (time.perf_counter() - started)

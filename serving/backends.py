@@ -40,7 +40,11 @@ class OnnxBackend:
     @staticmethod
     def resolve(device: str) -> str:
         """--device auto/cpu/cuda -> where models will run ("cuda" or "cpu"), without touching CUDA."""
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendError("ONNX Runtime is not installed: pip install 'digitserve[cpu]', or 'digitserve[gpu]' "
+                               "on a machine with an NVIDIA GPU (make serve picks)") from None
         has_provider = "CUDAExecutionProvider" in ort.get_available_providers()
         if device == "cuda" and not (gpu_count() and has_provider):
             raise BackendError("--device cuda: " + ("no NVIDIA GPU on this machine" if not gpu_count() else

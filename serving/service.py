@@ -28,6 +28,10 @@ MAX_IMAGES_PER_REQUEST = 256
 # All uploads of one request together, counted from their headers before any is decoded: one
 # photo at the per-image limit, or many small ones, but never 31 of 4096 x 4096.
 MAX_REQUEST_PIXELS = images.MAX_DECLARED_PIXELS
+# Up to this much a request is decoded on the event loop: a few 8x8 or 32x32 images take
+# microseconds, less than handing them to a thread and back.
+INLINE_PIXELS = 64 * 64
+INLINE_ARRAYS = 4
 
 
 class StartupError(Exception):
@@ -136,23 +140,29 @@ class Service:
 
     async def prepare(self, inputs: list[tuple[str, str, object]], model: str | None, invert: bool,
                       resize: bool) -> list[tuple[str, np.ndarray]]:
-        """Every input of one request -> (model name, model-ready array), decoded in the decoder
-        threads so that the event loop keeps answering while images are decoded and resized."""
+        """Every input of one request -> (model name, model-ready array).
+
+        Headers are read here (cheap) and the request's pixels counted before anything is decoded.
+        Small requests are decoded on the event loop (a thread hand-off would cost more than the
+        decoding); larger ones in the decoder threads, so the loop keeps answering meanwhile."""
         if not inputs:
             raise InputError("no image: upload files, or send images[] or pixels[] as JSON", 422)
         if len(inputs) > MAX_IMAGES_PER_REQUEST:
             raise InputError(f"{len(inputs)} images in one request; the limit is {MAX_IMAGES_PER_REQUEST}", 413)
         if model is not None:
             self.model(model)
-        return await asyncio.get_running_loop().run_in_executor(self.decoders, self.prepare_now, inputs, model,
-                                                                invert, resize)
-
-    def prepare_now(self, inputs, model, invert, resize) -> list[tuple[str, np.ndarray]]:
         opened = [(kind, images.open_image(value) if kind == "bytes" else value) for _, kind, value in inputs]
         pixels = sum(value.size[0] * value.size[1] for kind, value in opened if kind == "bytes")
         if pixels > MAX_REQUEST_PIXELS:
             raise InputError(f"the images of this request declare {pixels} pixels in all (limit "
                              f"{MAX_REQUEST_PIXELS})", 413)
+        arrays = sum(1 for kind, _ in opened if kind == "pixels")
+        if pixels <= INLINE_PIXELS and arrays <= INLINE_ARRAYS:
+            return self.decode_all(opened, model, invert, resize)
+        return await asyncio.get_running_loop().run_in_executor(self.decoders, self.decode_all, opened, model,
+                                                                invert, resize)
+
+    def decode_all(self, opened, model, invert, resize) -> list[tuple[str, np.ndarray]]:
         return [self.prepare_image(value, model, invert, resize) if kind == "bytes" else
                 self.prepare_pixels(value, model, invert) for kind, value in opened]
 
