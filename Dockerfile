@@ -27,7 +27,8 @@ COPY pyproject.toml README.md ./
 COPY export_contract ./export_contract
 COPY serving ./serving
 COPY training ./training
-RUN pip install ".[gpu]" "onnxruntime-gpu[cuda,cudnn]==${ORT_VERSION}" \
+# The [gpu] extra, pinned: ONNX Runtime with its CUDA provider.
+RUN pip install . "onnxruntime-gpu[cuda,cudnn]==${ORT_VERSION}" \
  && if [ "${WITH_TORCH}" = "true" ]; then pip install "torch>=2.4,<2.15"; fi
 
 # --- serve: the service, as a non-root user ---
