@@ -1,14 +1,15 @@
 """The comparison point for bench/serve.py: a minimal FastAPI + ONNX Runtime endpoint.
 
-One uvicorn process; decodes the uploaded PNG with Pillow and runs the same ONNX artifact per
-request (grayscale digits scaled to the model's range, or RGB crops as uint8), with no batching,
-validation or metrics. Not part of the service.
+Decodes the uploaded PNG with Pillow and runs the same ONNX artifact per request (grayscale digits
+scaled to the model's range, or RGB crops as uint8), with no batching, validation or metrics. On
+CUDA when asked and ONNX Runtime has the provider. Not part of the service.
 
-    python bench/fastapi_baseline.py EXPORT_FOLDER PORT
+    python bench/fastapi_baseline.py EXPORT_FOLDER PORT [--device cpu|cuda] [--workers N]
 """
+import argparse
 import io
 import json
-import sys
+import os
 
 import numpy as np
 import onnxruntime as ort
@@ -16,12 +17,16 @@ import uvicorn
 from fastapi import FastAPI, UploadFile
 from PIL import Image
 
-folder, port = sys.argv[1], int(sys.argv[2])
-options = ort.SessionOptions()
-options.intra_op_num_threads = 1
-session = ort.InferenceSession(f"{folder}/model.onnx", options, providers=["CPUExecutionProvider"])
-spec = json.loads(open(f"{folder}/model.json").read())["input"]
+# uvicorn's worker processes import this module afresh: the settings travel in the environment.
+FOLDER, DEVICE = os.environ.get("BASELINE_EXPORT", "."), os.environ.get("BASELINE_DEVICE", "cpu")
 app = FastAPI()
+session = spec = None
+if os.environ.get("BASELINE_EXPORT"):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    providers = (["CUDAExecutionProvider"] if DEVICE == "cuda" else []) + ["CPUExecutionProvider"]
+    session = ort.InferenceSession(f"{FOLDER}/model.onnx", options, providers=providers)
+    spec = json.loads(open(f"{FOLDER}/model.json").read())["input"]
 
 
 @app.post("/predict")
@@ -36,4 +41,12 @@ async def predict(file: UploadFile):
 
 
 if __name__ == "__main__":
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("folder")
+    parser.add_argument("port", type=int)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    os.environ.update(BASELINE_EXPORT=args.folder, BASELINE_DEVICE=args.device)
+    uvicorn.run("fastapi_baseline:app", app_dir=os.path.dirname(os.path.abspath(__file__)), host="127.0.0.1",
+                port=args.port, workers=args.workers, log_level="warning")

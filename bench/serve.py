@@ -3,7 +3,8 @@ endpoint, same artifact, same machine, same load, in one run.
 
     .venv/bin/python bench/serve.py [--model digits-cnn] [--connections 32] [--seconds 20]
                                     [--backend onnx|torchscript] [--device auto|cpu|cuda]
-                                    [--exports DIR] [--load auto|wrk|python] [-- MORE SERVER FLAGS]
+                                    [--exports DIR] [--load auto|wrk|python] [--baseline-workers N]
+                                    [-- MORE SERVER FLAGS]
 
 Single-image PNG multipart uploads, one per request: an 8x8 digit for grayscale models, a 32x32
 RGB crop for RGB (SVHN-shaped) models. Load comes from `wrk` (Debian package) in its own process,
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from serving import images  # noqa: E402
-from serving.backends import BACKENDS  # noqa: E402
+from serving.backends import BACKENDS, BackendError  # noqa: E402
 from serving_helpers import ServerProcess, free_port, png  # noqa: E402
 
 BOUNDARY = "BENCHBOUNDARY"
@@ -115,6 +116,7 @@ def main() -> None:
     parser.add_argument("--backend", default="onnx", choices=["onnx", "torchscript"])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--load", default="auto", choices=["auto", "wrk", "python"])
+    parser.add_argument("--baseline-workers", type=int, default=1, help="uvicorn processes of the FastAPI baseline")
     parser.add_argument("server_flags", nargs="*", help="extra flags for python -m serving (after --)")
     args = parser.parse_args()
     folder = args.exports / args.model
@@ -125,7 +127,12 @@ def main() -> None:
     load = run_wrk if args.load == "wrk" or (args.load == "auto" and shutil.which("wrk")) else run_python_load
 
     port = free_port()
-    baseline = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fastapi_baseline.py"), str(folder), str(port)])
+    try:  # the baseline runs ONNX Runtime: on CUDA only where it has the provider
+        baseline_device = BACKENDS["onnx"].resolve(args.device)
+    except BackendError:
+        baseline_device = "cpu"
+    baseline = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fastapi_baseline.py"), str(folder), str(port),
+                                 "--device", baseline_device, "--workers", str(args.baseline_workers)])
     server = ServerProcess(args.exports, args=("--backend", args.backend, "--device", args.device,
                                                *args.server_flags))
     try:
@@ -143,7 +150,8 @@ def main() -> None:
     ceiling = in_process_ceiling(folder, data, args.backend, args.device)
     ratio = results["digitserve"]["rps"] / results["FastAPI + ORT"]["rps"]
     print(f"## Serving (`bench/serve.py {' '.join(sys.argv[1:])}`), {platform.machine()}, {os.cpu_count()} cores\n")
-    print(f"Single-image PNG uploads to `{args.model}` ({args.backend}, device {args.device}), "
+    print(f"Single-image PNG uploads to `{args.model}` ({args.backend}, device {args.device}; baseline "
+          f"{baseline_device}, {args.baseline_workers} process(es)), "
           f"{args.connections} connections, {args.seconds} s, load from {load.__name__} in its own process(es).\n")
     print("| server | req/s | p50 ms | p99 ms | non-2xx | socket errors |\n|---|---|---|---|---|---|")
     for name, r in results.items():

@@ -31,16 +31,18 @@ class Classifier:
         self.device = device
         self.runners = {}
 
-    def load(self) -> dict[str, str]:
-        """Load every model and run it once per warm-up size, so the first real request is not slow.
+    def load(self, warm: bool = True) -> dict[str, str]:
+        """Load every model and (`warm`) run it once per warm-up size, so the first real request is
+        not slow. Returns the models that could not be loaded or run, with the reason; the others serve.
 
-        Returns the models that could not be loaded or run, with the reason; the others serve."""
+        Before LitServe forks the HTTP processes, load only: running a model starts the runtime's
+        thread pool (OpenMP for torch), which a forked child cannot use (it hangs)."""
         failed = {}
         for name, model in self.models.items():
             spec = model["input"]
             try:
                 runner = self.backend(Path(model["path"]), self.device, spec["name"])
-                for size in WARMUP_BATCH_SIZES:
+                for size in WARMUP_BATCH_SIZES if warm else ():
                     runner(np.zeros([size] + spec["shape"][1:], dtype=spec["dtype"]))
             except BackendError as err:
                 failed[name] = str(err)

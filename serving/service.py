@@ -46,7 +46,9 @@ class Service:
             self.entries = {e.name: e for e in registry.scan(config.exports, config.backend)}
         except (BackendError, registry.ExportsError) as err:
             raise StartupError(str(err)) from None
-        self.mark_unavailable(Classifier(self.artifacts(), config.backend, "cpu").load())
+        # Every model loads here (on the CPU, without running) before anything forks: one that
+        # cannot is unavailable with its reason, and the others still serve.
+        self.mark_unavailable(Classifier(self.artifacts(), config.backend, "cpu").load(warm=False))
         if not self.ready_models:
             reasons = "; ".join(f"{name}: {e.error}" for name, e in self.entries.items()) or "the folder is empty"
             raise StartupError(f"no usable model in {config.exports} ({reasons})")

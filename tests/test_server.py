@@ -73,6 +73,17 @@ def test_litserve_worker_holds_no_model(server):
     assert "onnxruntime" not in maps and "libtorch" not in maps
 
 
+def test_torchscript_backend_serves_from_forked_http_processes(exports):
+    process = ServerProcess(exports, args=("--backend", "torchscript", "--workers", "2"))
+    try:
+        process.wait_ready(timeout=60)
+        body = {"model": "digits-cnn", "pixels": [np.zeros((8, 8)).tolist()]}
+        for _ in range(6):  # new connections: both processes answer
+            assert httpx.post(process.url + "/predict", json=body, timeout=30).status_code == 200
+    finally:
+        process.stop()
+
+
 def test_metrics_sum_every_http_process(server):
     with httpx.Client(base_url=server.url, timeout=30) as client:
         body = {"model": "digits-mlp", "pixels": [np.zeros((8, 8)).tolist()]}

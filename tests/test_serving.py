@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+import export_contract as contract
 from serving_helpers import build_svhn_export, copy_committed, in_process, png, synthetic_svhn
 from training import digits
 
@@ -30,6 +31,13 @@ def exports(tmp_path_factory):
     manifest["name"] = "digits-broken"
     (broken / "model.json").write_text(json.dumps(manifest))
     (broken / "model.onnx").write_bytes(b"tampered")
+    garbage = folder / "digits-garbage"  # hashes match, but the graph is not ONNX
+    shutil.copytree(folder / "digits-mlp", garbage)
+    (garbage / "model.onnx").write_bytes(b"not a graph")
+    manifest = json.loads((garbage / "model.json").read_text())
+    manifest["name"] = "digits-garbage"
+    manifest["artifacts"]["onnx"]["sha256"] = contract.sha256(garbage / "model.onnx")
+    (garbage / "model.json").write_text(json.dumps(manifest))
     return folder
 
 
@@ -77,6 +85,8 @@ def test_models_list_metrics_and_unavailable_reason(client, exports):
     assert models["svhn-tiny"]["default_for"] == "32x32"
     assert models["digits-broken"]["status"] == "unavailable"
     assert "sha256" in models["digits-broken"]["reason"]
+    assert models["digits-garbage"]["status"] == "unavailable"
+    assert "ONNX Runtime cannot load model.onnx" in models["digits-garbage"]["reason"]
 
 
 def test_model_detail_and_curves(client):
@@ -326,8 +336,8 @@ def test_hostile_requests_cannot_add_series_or_break_the_exposition(client):
     families = list(text_string_to_metric_families(client.get("/metrics").text))  # it parses: the format holds
     labels = [sample.labels for family in families for sample in family.samples]
     templates = {*client.get("/openapi.json").json()["paths"], "/"}
-    assert {l["model"] for l in labels if "model" in l} <= {"digits-cnn", "digits-mlp", "svhn-tiny", "digits-broken",
-                                                            "other", ""}
+    known = {"digits-cnn", "digits-mlp", "svhn-tiny", "digits-broken", "digits-garbage"}
+    assert {l["model"] for l in labels if "model" in l} <= known | {"other", ""}
     assert {l["route"] for l in labels if "route" in l} <= templates | {"other"}
     assert {l["method"] for l in labels if "method" in l} <= {"GET", "POST", "other"}
 
