@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         from serving import server
         from serving.service import StartupError
         try:
-            litserver, service = server.build(config)
+            litserver, service, processes = server.build(config)
         except StartupError as err:
             print(f"{PROG}: error: {err}", file=sys.stderr)
             return 1
@@ -35,10 +35,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"model {name} unavailable: {entry.error}", file=sys.stderr)
         print(f"serving {', '.join(sorted(service.ready_models))} with {config.backend} on {service.device} at "
               f"http://{config.host}:{config.port}", file=sys.stderr)
-        server.run(litserver, service)
+        return server.run(litserver, service, processes)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from serving import images, schemas, v2
 from serving.batcher import Overloaded
 from serving.errors import InputError, ServiceError
 from serving.http_helpers import AUTH, error_response, read_body, service_of
-from serving.metrics import CONTENT_TYPE_LATEST
+from serving.metrics import CONTENT_TYPE
 from serving.service import MAX_IMAGES_PER_REQUEST, Service
 
 PAGE = (Path(__file__).parent / "static" / "index.html").read_text()
@@ -59,7 +59,7 @@ async def ready(request: Request):
 
 @router.get("/metrics", tags=["operations"], summary="Prometheus metrics of the whole server")
 async def metrics(request: Request):
-    return Response(service_of(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(service_of(request).metrics.render(), media_type=CONTENT_TYPE)
 
 
 @router.get("/", include_in_schema=False)

@@ -10,17 +10,27 @@ LitServe also always starts a worker process for its LitAPI, fed by a multiproce
 queue. digitserve's requests never take that path (serving/batcher.py says why), so the LitAPI
 here loads nothing: that worker holds no model and no GPU memory.
 """
+import ctypes
+import logging
+import multiprocessing
 import os
 import signal
 import sys
+import threading
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 import litserve as ls
+from fastapi import APIRouter
 from fastapi.routing import APIRoute
 
 from serving import routes
 from serving.config import Config
 from serving.metrics import RequestMetrics
 from serving.service import Service
+
+log = logging.getLogger("digitserve")
 
 LITSERVE_CHECKED = "0.2.19"
 GRACEFUL_SHUTDOWN_SECONDS = 7  # in-flight requests get this long after SIGTERM; orchestrators wait 10 s or more
@@ -34,14 +44,68 @@ class IdleLitAPI(ls.LitAPI):
         # Ctrl-C signals the whole process group; if this spawned worker died of it first, LitServe
         # would report a crash and race the main process's orderly shutdown, which ends it by SIGTERM.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        die_with_parent()
 
     def predict(self, x):
         raise NotImplementedError("digitserve answers /predict in its HTTP processes (serving/batcher.py)")
 
 
-def build(config: Config) -> tuple[ls.LitServer, Service]:
+def die_with_parent(parent: int | None = None) -> None:
+    """Linux: be killed when the main process dies, even by SIGKILL (the OOM killer), instead of
+    living on as an orphan that holds the port or a GPU. `parent`: exit at once if it is already gone."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if parent is not None and os.getppid() != parent:
+            os._exit(1)
+
+
+class HttpProcesses:
+    """The HTTP processes LitServe forks, watched from the main process.
+
+    LitServe 0.2.19 replaces a dead worker of its own (restart_workers) but not a dead HTTP process:
+    the port would stay open with less capacity, or none. So a dead one stops the whole server, which
+    exits 1 within seconds for its supervisor (Kubernetes, Docker, systemd) to restart it. Each HTTP
+    process records its pid at start-up, through a router whose only job is that lifespan."""
+
+    def __init__(self, count: int):
+        self.pids = multiprocessing.get_context("fork").Array("i", count)  # shared before LitServe forks
+        self.failed = threading.Event()
+        self.stopping = threading.Event()  # a deliberate stop: processes ending now are not failures
+        self.router = APIRouter(lifespan=self.lifespan)
+
+    @asynccontextmanager
+    async def lifespan(self, app):
+        with self.pids.get_lock():
+            self.pids[list(self.pids).index(0)] = os.getpid()
+        yield
+
+    def watch(self, every: float = 0.5) -> None:
+        """Start a thread that stops the server when a recorded HTTP process has died."""
+        def loop():
+            while not self.stopping.is_set():
+                time.sleep(every)
+                dead = [pid for pid in self.pids if pid and not alive(pid)]
+                if dead and not self.stopping.is_set():
+                    log.error("HTTP process %s died and LitServe does not replace it: stopping the server (exit 1) "
+                              "so that its supervisor restarts it", dead[0])
+                    self.failed.set()
+                    os.kill(os.getpid(), signal.SIGTERM)  # the graceful path: the other processes drain
+                    return
+        threading.Thread(target=loop, name="http-process-watch", daemon=True).start()
+
+
+def alive(pid: int) -> bool:
+    """Running: not gone, and not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def build(config: Config) -> tuple[ls.LitServer, Service, HttpProcesses]:
     """The LitServer with the digitserve routes; raises service.StartupError."""
     service = Service(config)
+    processes = HttpProcesses(config.workers)
     server = ls.LitServer(
         IdleLitAPI(api_path=API_PATH),
         accelerator="cpu",  # LitServe's worker does nothing: no device of its own, no CUDA context
@@ -51,7 +115,8 @@ def build(config: Config) -> tuple[ls.LitServer, Service]:
     )
     litserve_workarounds(server)
     routes.install(server.app, service)
-    return server, service
+    server.app.include_router(processes.router)
+    return server, service, processes
 
 
 def litserve_workarounds(server: ls.LitServer) -> None:
@@ -72,9 +137,11 @@ def litserve_workarounds(server: ls.LitServer) -> None:
     server.uvicorn_graceful_timeout = GRACEFUL_SHUTDOWN_SECONDS
 
 
-def run(server: ls.LitServer, service: Service) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and return."""
+def run(server: ls.LitServer, service: Service, processes: HttpProcesses) -> int:
+    """Serve until SIGTERM or SIGINT (exit status 0) or an HTTP process dies (1), then drain."""
     main_pid = os.getpid()
+    # LitServe's forks (its queue manager, the HTTP processes) die with this process.
+    os.register_at_fork(after_in_child=lambda: die_with_parent(main_pid))
 
     def stop_gracefully(signum, frame):
         """SIGTERM (docker stop, Kubernetes) and SIGINT (Ctrl-C) take LitServe's graceful path: the HTTP
@@ -83,6 +150,9 @@ def run(server: ls.LitServer, service: Service) -> None:
         LitServe's forked children inherit this handler, and Ctrl-C or a cgroup-wide stop (systemd)
         signals them all at once."""
         if os.getpid() == main_pid:
+            if processes.stopping.is_set():
+                return  # already stopping: let the drain finish
+            processes.stopping.set()
             raise KeyboardInterrupt
         if service.classifier is None:
             return  # LitServe's queue manager (forked before any HTTP process started): LitServe stops it last
@@ -96,5 +166,16 @@ def run(server: ls.LitServer, service: Service) -> None:
     signal.signal(signal.SIGTERM, stop_gracefully)
     signal.signal(signal.SIGINT, stop_gracefully)
     config = service.config
-    server.run(host=config.host, port=config.port, num_api_servers=config.workers, generate_client_file=False,
-               log_level="warning")
+    processes.watch()
+    try:
+        server.run(host=config.host, port=config.port, num_api_servers=config.workers, generate_client_file=False,
+                   log_level="warning")
+    except KeyboardInterrupt:
+        pass  # a stop that arrived while LitServe was already draining
+    except (EOFError, ConnectionError):  # LitServe's run() waits on its queue manager, which is gone
+        log.error("LitServe's queue manager process died: stopping the server (exit 1) so that its supervisor "
+                  "restarts it")
+        return 1
+    finally:
+        processes.stopping.set()  # from here on a signal only ends what is ending anyway
+    return 1 if processes.failed.is_set() else 0

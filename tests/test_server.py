@@ -2,8 +2,11 @@
 that touches LitServe's internals (serving/server.py's litserve_workarounds)."""
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -14,6 +17,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving import server as digitserve_server
+from serving.server import alive
 from serving.config import Config
 from serving_helpers import ROOT, ServerProcess, copy_committed
 
@@ -42,7 +46,7 @@ def test_litserve_is_the_version_the_workarounds_were_checked_against():
 
 
 def test_our_routes_replace_the_litserve_ones_it_has_no_parameter_for(exports):
-    litserver, _ = digitserve_server.build(Config(exports=exports))
+    litserver, _, _ = digitserve_server.build(Config(exports=exports))
     client = TestClient(litserver.app)  # no lifespan: LitServe's needs its worker processes
     assert client.get("/").text.startswith("<!doctype html>")  # LitServe's would say "litserve running"
     paths = client.get("/openapi.json").json()["paths"]
@@ -65,12 +69,76 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def server_processes(main: int) -> dict[str, list[int]]:
+    """The server's children by role: LitServe's spawned worker, its queue manager (the first fork),
+    the HTTP processes (the later forks); multiprocessing's resource tracker aside."""
+    roles = {"worker": [], "forked": [], "main": [main]}
+    for pid in sorted(children(main)):
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"spawn_main" in cmdline:
+            roles["worker"].append(pid)
+        elif b"resource_tracker" not in cmdline:
+            roles["forked"].append(pid)
+    roles["manager"], roles["http"] = roles["forked"][:1], roles.pop("forked")[1:]
+    return roles
+
+
 def test_litserve_worker_holds_no_model(server):
-    workers = [pid for pid in children(server.process.pid)
-               if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    assert len(workers) == 1, "LitServe starts one worker process (spawned)"
-    maps = Path(f"/proc/{workers[0]}/maps").read_text()
+    processes = server_processes(server.process.pid)
+    assert len(processes["worker"]) == 1 and len(processes["http"]) == 2, processes
+    maps = Path(f"/proc/{processes['worker'][0]}/maps").read_text()
     assert "onnxruntime" not in maps and "libtorch" not in maps
+
+
+@pytest.mark.parametrize("role, expected", [
+    ("worker", "recovers"),  # LitServe replaces its worker; requests never went through it
+    ("http", 1),             # LitServe cannot replace an HTTP process: the server stops, its supervisor restarts it
+    ("manager", 1),          # LitServe's queue manager: the same
+    ("main", -9),            # the OOM killer's pick: its children must not live on as orphans
+])
+def test_killing_any_process_under_load_recovers_or_exits_within_10_s(exports, role, expected):
+    server = ServerProcess(exports, args=("--workers", "2"))
+    try:
+        server.wait_ready()
+        processes = server_processes(server.process.pid)
+        everyone = [pid for pids in processes.values() for pid in pids]
+        body = {"pixels": [np.zeros((8, 8)).tolist()]}
+        outcomes = []
+        stop = threading.Event()
+
+        def load():
+            with httpx.Client(base_url=server.url, timeout=10) as client:
+                while not stop.is_set():
+                    try:
+                        outcomes.append((time.monotonic(), client.post("/predict", json=body).status_code))
+                    except httpx.TransportError:
+                        outcomes.append((time.monotonic(), "transport"))
+        threads = [threading.Thread(target=load) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1)
+        os.kill(processes[role][0], signal.SIGKILL)
+        killed = time.monotonic()
+        if expected == "recovers":
+            time.sleep(3)
+            assert server.process.poll() is None
+            assert httpx.get(server.url + "/ready").status_code == 200
+        else:
+            assert server.process.wait(10) == expected
+        stop.set()
+        for thread in threads:
+            thread.join()
+        if expected == "recovers":
+            assert {status for _, status in outcomes} == {200}
+        else:
+            deadline = time.monotonic() + 10
+            while any(alive(pid) for pid in everyone) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not [pid for pid in everyone if alive(pid)], "processes outlived the server"
+        assert [status for at, status in outcomes if at < killed] and all(
+            status == 200 for at, status in outcomes if at < killed - 0.1)
+    finally:
+        server.stop()
 
 
 def test_torchscript_backend_serves_from_forked_http_processes(exports):
