@@ -25,6 +25,8 @@ class Config:
     workers: int = 2
     max_payload_bytes: int = 1 << 20
     max_queue: int = 256
+    max_connections: int = 1000
+    read_timeout: float = 15.0
     api_key: str | None = None  # only from DIGITSERVE_API_KEY: a flag would show in `ps`
 
 
@@ -45,14 +47,16 @@ def integer(low: int, high: int | None = None):
     return check
 
 
-def seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be 0..1 seconds, got {text}")
-    return value
+def seconds(low: float, high: float):
+    def check(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low:g}..{high:g} seconds, got {text}")
+        return value
+    return check
 
 
 class Parser(argparse.ArgumentParser):
@@ -75,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: the GPU when one is usable")
     p.add_argument("--max-batch-size", type=integer(1, 4096), default=defaults.max_batch_size,
                    help="images batched into one inference call")
-    p.add_argument("--batch-timeout", type=seconds, default=defaults.batch_timeout,
+    p.add_argument("--batch-timeout", type=seconds(0, 1), default=defaults.batch_timeout,
                    help="extra seconds a batch waits to fill (0: it holds what arrived while the previous one ran)")
     p.add_argument("--workers", type=integer(1, 256), default=defaults.workers,
                    help="HTTP processes, each with its own warm models and batcher")
@@ -83,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="larger request bodies get 413")
     p.add_argument("--max-queue", type=integer(1), default=defaults.max_queue,
                    help="images waiting for inference per HTTP process; beyond it requests get 503 at once")
+    p.add_argument("--max-connections", type=integer(1), default=defaults.max_connections,
+                   help="open connections per HTTP process; beyond it requests get 503")
+    p.add_argument("--read-timeout", type=seconds(0.1, 600), default=defaults.read_timeout,
+                   help="seconds a request may take to arrive whole (headers and body); then 408")
     for action in p._actions:
         if action.dest != "help":
             action.help = f"{action.help or ''} [{env_name(action.dest)}]".strip()

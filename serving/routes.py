@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException
 
 import export_contract as contract
@@ -213,6 +214,12 @@ async def validation_error(request: Request, err: RequestValidationError) -> JSO
     return error_response(422, f"{first['msg']} at {'/'.join(map(str, first['loc']))}")
 
 
+async def client_gone(request: Request, err: ClientDisconnect) -> Response:
+    """The client closed the connection before its request arrived: nobody to answer, nothing wrong
+    here. 499 (nginx's "client closed request") is what the metrics count."""
+    return Response(status_code=499)
+
+
 async def unexpected_error(request: Request, err: Exception) -> JSONResponse:
     """A bug: the client gets one JSON line; Starlette re-raises so that the server logs the traceback."""
     return error_response(500, "internal error (logged by the server)")
@@ -228,4 +235,5 @@ def install(app: FastAPI, service: Service) -> None:
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_exception_handler(Exception, unexpected_error)

@@ -14,10 +14,13 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import resource
 import signal
+import socket
 import sys
 import threading
 import time
+import traceback
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from fastapi.routing import APIRoute
 
 from serving import routes
 from serving.config import Config
+from serving.connections import guarded_protocol
 from serving.metrics import RequestMetrics
 from serving.service import Service
 
@@ -102,6 +106,44 @@ def alive(pid: int) -> bool:
         return False
 
 
+def allow_many_connections() -> None:
+    """Raise the open-files limit to its ceiling: the default 1024 would refuse connections (and
+    files) well before --max-connections in each of several processes."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def release_listening_socket(port: int) -> None:
+    """Let go of this process's copy of the listening socket (the main process when the stop begins,
+    LitServe's queue manager at once).
+
+    LitServe binds the socket in the main process and the HTTP processes accept on copies of it.
+    They stop accepting as they drain; while any other process still held a copy, the kernel would
+    keep completing new connections into a queue no one reads, and reset them at exit. Without
+    those copies the socket closes with the last HTTP process, and later connections are refused,
+    never cut off. The descriptor is pointed at /dev/null, not closed, so that LitServe's own close
+    of it finds a valid one."""
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            try:
+                with socket.socket(fileno=os.dup(fd)) as candidate:
+                    bound = candidate.getsockname()
+                    try:
+                        candidate.getpeername()
+                        continue  # a connection, not the server's socket
+                    except OSError:
+                        pass
+            except OSError:
+                continue  # not a socket
+            if isinstance(bound, tuple) and bound[1] == port:  # bound (listening once uvicorn starts)
+                os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 def build(config: Config) -> tuple[ls.LitServer, Service, HttpProcesses]:
     """The LitServer with the digitserve routes; raises service.StartupError."""
     service = Service(config)
@@ -139,9 +181,23 @@ def litserve_workarounds(server: ls.LitServer) -> None:
 
 def run(server: ls.LitServer, service: Service, processes: HttpProcesses) -> int:
     """Serve until SIGTERM or SIGINT (exit status 0) or an HTTP process dies (1), then drain."""
-    main_pid = os.getpid()
-    # LitServe's forks (its queue manager, the HTTP processes) die with this process.
-    os.register_at_fork(after_in_child=lambda: die_with_parent(main_pid))
+    main_pid, config = os.getpid(), service.config
+    forking = {}
+
+    def before_fork():  # in this process, about to fork
+        forking["manager"] = any(frame.filename.endswith(os.path.join("multiprocessing", "managers.py"))
+                                 for frame in traceback.extract_stack())
+
+    def after_fork():  # in the child
+        die_with_parent(main_pid)
+        if forking["manager"]:
+            # LitServe forks its queue manager after binding the port: the manager would hold the
+            # listening socket until the very end, and the kernel would keep completing connections
+            # that no process accepts, then reset them.
+            release_listening_socket(config.port)
+
+    # LitServe's forks: its queue manager and the HTTP processes.
+    os.register_at_fork(before=before_fork, after_in_child=after_fork)
 
     def stop_gracefully(signum, frame):
         """SIGTERM (docker stop, Kubernetes) and SIGINT (Ctrl-C) take LitServe's graceful path: the HTTP
@@ -153,6 +209,7 @@ def run(server: ls.LitServer, service: Service, processes: HttpProcesses) -> int
             if processes.stopping.is_set():
                 return  # already stopping: let the drain finish
             processes.stopping.set()
+            release_listening_socket(config.port)
             raise KeyboardInterrupt
         if service.classifier is None:
             return  # LitServe's queue manager (forked before any HTTP process started): LitServe stops it last
@@ -165,11 +222,13 @@ def run(server: ls.LitServer, service: Service, processes: HttpProcesses) -> int
 
     signal.signal(signal.SIGTERM, stop_gracefully)
     signal.signal(signal.SIGINT, stop_gracefully)
-    config = service.config
+    allow_many_connections()
     processes.watch()
     try:
+        # The keyword arguments after LitServe's own go to uvicorn: our connection guards, and its cap.
         server.run(host=config.host, port=config.port, num_api_servers=config.workers, generate_client_file=False,
-                   log_level="warning")
+                   log_level="warning", http=guarded_protocol(config.read_timeout),
+                   limit_concurrency=config.max_connections)
     except KeyboardInterrupt:
         pass  # a stop that arrived while LitServe was already draining
     except (EOFError, ConnectionError):  # LitServe's run() waits on its queue manager, which is gone

@@ -3,6 +3,7 @@ that touches LitServe's internals (serving/server.py's litserve_workarounds)."""
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -11,11 +12,13 @@ from pathlib import Path
 
 import httpx
 import litserve
+import uvicorn
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from serving import connections
 from serving import server as digitserve_server
 from serving.server import alive
 from serving.config import Config
@@ -43,6 +46,10 @@ def test_litserve_is_the_version_the_workarounds_were_checked_against():
     # Not a pin: a reminder. If this fails after an upgrade, re-read serving/server.py's
     # litserve_workarounds() against the new LitServe, then move LITSERVE_CHECKED.
     assert litserve.__version__ == digitserve_server.LITSERVE_CHECKED
+
+
+def test_uvicorn_is_the_version_the_connection_guards_were_checked_against():
+    assert uvicorn.__version__ == connections.UVICORN_CHECKED  # else re-read serving/connections.py
 
 
 def test_our_routes_replace_the_litserve_ones_it_has_no_parameter_for(exports):
@@ -218,3 +225,100 @@ def test_a_wheel_install_trains_exports_and_serves(tmp_path, cli):
         assert httpx.post(process.url + "/predict", json=body, timeout=30).json()["predictions"][0]["model"] == "digits-cnn"
     finally:
         process.stop()
+
+
+# --- slow and greedy clients ---
+
+@pytest.fixture(scope="module")
+def guarded(exports):
+    process = ServerProcess(exports, args=("--workers", "1", "--read-timeout", "2", "--max-connections", "20"))
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+def raw_exchange(server, chunks: list[bytes], pause: float = 0.0, wait: float = 6.0) -> tuple[bytes, float]:
+    """Send `chunks` (pausing between them) on one connection; what came back before it was closed, and when."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=wait) as sock:
+        try:
+            for chunk in chunks:
+                sock.sendall(chunk)
+                time.sleep(pause)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        received = b""
+        try:
+            while data := sock.recv(65536):
+                received += data
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return received, time.monotonic() - started
+
+
+PREDICT_HEAD = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+
+@pytest.mark.parametrize("chunks, pause", [
+    ([b"POST /predict HTTP/1.1\r\nHost: x\r\n"], 0),               # headers that never end (slowloris)
+    ([PREDICT_HEAD + b"Content-Length: 1000\r\n\r\n{}"], 0),          # a body shorter than declared
+    ([PREDICT_HEAD + b"Content-Length: 200\r\n\r\n"] + [b" "] * 40, 0.1),  # a body a byte at a time
+    ([], 0),                                                          # a connection that says nothing
+])
+def test_a_request_that_does_not_arrive_whole_in_time_gets_408_and_closed(guarded, chunks, pause):
+    received, seconds = raw_exchange(guarded, chunks, pause)
+    assert 1.5 < seconds < 4.5, seconds
+    assert received.startswith(b"HTTP/1.1 408") and b"connection: close" in received.lower()
+    assert httpx.get(guarded.url + "/health").status_code == 200
+
+
+def test_connections_beyond_the_cap_get_503_and_the_rest_are_served(guarded):
+    idle = [socket.create_connection(("127.0.0.1", guarded.port)) for _ in range(25)]
+    try:
+        time.sleep(0.2)
+        refused = httpx.get(guarded.url + "/health")
+        assert refused.status_code == 503
+    finally:
+        for sock in idle:
+            sock.close()
+    time.sleep(0.2)
+    assert httpx.get(guarded.url + "/health").status_code == 200
+
+
+def test_sigterm_under_keep_alive_load_cuts_no_request_off(exports):
+    """Clients that reuse their connections, as load balancers do: on SIGTERM every request sent on
+    an accepted connection is answered; afterwards new connections are refused, nothing is reset."""
+    server = ServerProcess(exports, args=("--workers", "2"))
+    server.wait_ready()
+    body = {"pixels": [np.zeros((8, 8)).tolist()]}
+    statuses, cut_off, refused = [], [], []
+    signalled = threading.Event()
+
+    def client():
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            while server.process.poll() is None:
+                try:
+                    statuses.append(c.post("/predict", json=body).status_code)
+                except httpx.ConnectError:
+                    refused.append(1)  # never accepted: the listening socket is closed
+                    if signalled.is_set():
+                        return
+                except httpx.TransportError as err:
+                    cut_off.append(repr(err))
+    threads = [threading.Thread(target=client) for _ in range(16)]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(1.5)
+        server.process.send_signal(signal.SIGTERM)
+        signalled.set()
+        exit_code = server.process.wait(10)
+        for thread in threads:
+            thread.join(10)
+    finally:
+        server.stop()
+    assert exit_code == 0
+    assert not cut_off, cut_off[:3]
+    assert len(statuses) > 100 and set(statuses) == {200}
