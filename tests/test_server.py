@@ -322,3 +322,15 @@ def test_sigterm_under_keep_alive_load_cuts_no_request_off(exports):
     assert exit_code == 0
     assert not cut_off, cut_off[:3]
     assert len(statuses) > 100 and set(statuses) == {200}
+
+
+def test_a_client_that_hangs_up_is_not_a_server_error(guarded):
+    with socket.create_connection(("127.0.0.1", guarded.port)) as sock:
+        sock.sendall(PREDICT_HEAD + b"Content-Length: 1000\r\n\r\n{\"pixels\"")
+        time.sleep(0.3)  # the route is reading the body
+    time.sleep(0.5)
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(guarded.url + "/metrics").text)}
+    statuses = {s.labels["status"] for s in families["digitserve_http_requests"].samples
+                if s.labels.get("route") == "/predict"}
+    assert "499" in statuses and not any(status.startswith("5") for status in statuses)
+    assert "Traceback" not in guarded.output() and "Exception" not in guarded.output()

@@ -4,6 +4,7 @@ import base64
 import io
 import json
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -381,3 +382,33 @@ def test_torchscript_backend_serves_the_same_predictions(exports, client, test_d
     for ts, ort in zip(predictions, onnx_predictions):
         assert ts["label"] == ort["label"]
         assert np.allclose(ts["probabilities"], ort["probabilities"], atol=1e-5)
+
+
+def test_files_an_export_serves_must_be_regular_files_inside_it(tmp_path):
+    exports = tmp_path / "exports"
+    copy_committed(exports, "digits-cnn", "digits-mlp")
+    outside = tmp_path / "elsewhere.png"
+    shutil.copy(exports / "digits-cnn" / "curves.png", outside)  # the same bytes: the sha256 would match
+    (exports / "digits-cnn" / "curves.png").unlink()
+    (exports / "digits-cnn" / "curves.png").symlink_to(outside)
+    with in_process(exports) as c:
+        models = {m["name"]: m for m in c.get("/models").json()["models"]}
+        assert models["digits-cnn"]["status"] == "unavailable"
+        assert models["digits-cnn"]["reason"] == "curves.png is not a regular file"
+        assert c.get("/models/digits-cnn/curves.png").status_code == 503
+        assert c.get("/models/digits-mlp/curves.png").status_code == 200
+
+
+def test_a_full_queue_sheds_requests_at_once_with_retry_after(exports, monkeypatch):
+    with in_process(exports, max_queue=2) as c:
+        classifier = c.app.state.service.classifier
+        predict = classifier.predict
+        monkeypatch.setattr(classifier, "predict", lambda requests: (time.sleep(0.3), predict(requests))[1])
+        body = {"model": "digits-cnn", "pixels": [np.zeros((8, 8)).tolist()]}
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(lambda _: c.post("/predict", json=body), range(8)))
+        statuses = sorted(r.status_code for r in responses)
+        shed = [r for r in responses if r.status_code == 503]
+        assert 200 in statuses and shed and set(statuses) == {200, 503}
+        assert all(r.headers["retry-after"] == "1" and "capacity" in r.json()["error"] for r in shed)
+        assert metric(c, "digitserve_shed_requests_total") == len(shed)
