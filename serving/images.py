@@ -76,8 +76,9 @@ def to_gray_or_rgb(image: Image.Image, color: str) -> np.ndarray:
 
 def convert(image: Image.Image, color: str) -> np.ndarray:
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        values = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8), "L")
+        # 0..65535 -> 0..255, rounded, in integers: a 4096 x 4096 upload stays at 64 MB of temporaries
+        values = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)
+        image = Image.fromarray(((values + 128) // 257).astype(np.uint8), "L")
     elif image.mode == "F":
         image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L")
     if image.mode in ("P", "PA"):
