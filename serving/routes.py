@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
@@ -58,7 +58,8 @@ async def ready(request: Request):
     return {"status": "ready", "models": sorted(service.ready_models)}
 
 
-@router.get("/metrics", tags=["operations"], summary="Prometheus metrics of the whole server")
+@router.get("/metrics", tags=["operations"], response_class=PlainTextResponse,
+            summary="Prometheus metrics of the whole server")
 async def metrics(request: Request):
     return Response(service_of(request).metrics.render(), media_type=CONTENT_TYPE)
 

@@ -106,6 +106,15 @@ def alive(pid: int) -> bool:
         return False
 
 
+def return_freed_memory() -> None:
+    """glibc: allocations of 1 MiB and more are mapped and unmapped, so that memory comes back when
+    freed. By default glibc raises that threshold (to 32 MB) after the first such free and keeps later
+    blocks in its per-thread arenas: decoding a few of the largest uploads (up to 64 MB of temporaries
+    each) in the decoder threads then held hundreds of MB for good (bench/soak.py)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD; setting it also stops its adjustment
+
+
 def allow_many_connections() -> None:
     """Raise the open-files limit to its ceiling: the default 1024 would refuse connections (and
     files) well before --max-connections in each of several processes."""
@@ -223,6 +232,7 @@ def run(server: ls.LitServer, service: Service, processes: HttpProcesses) -> int
     signal.signal(signal.SIGTERM, stop_gracefully)
     signal.signal(signal.SIGINT, stop_gracefully)
     allow_many_connections()
+    return_freed_memory()  # before LitServe forks: the HTTP processes inherit it
     processes.watch()
     try:
         # The keyword arguments after LitServe's own go to uvicorn: our connection guards, and its cap.
