@@ -6,8 +6,8 @@ every millisecond). On a 2-core machine that path ran at 0.2x the throughput of 
 ONNX Runtime endpoint (bench/RESULTS.md). Here requests queue in memory in the process that parsed
 them; a batch is whatever arrived while the previous batch ran (plus up to `batch_timeout`, up to
 `max_batch_size` images), and the models run in a thread, since ONNX Runtime and torch release the
-GIL, while the event loop keeps reading requests. The queue is bounded (`max_queue` images): beyond
-it a request is refused at once (503) instead of waiting behind everyone else.
+GIL, while the event loop keeps reading requests. How much may wait is bounded before requests
+get here (serving/admission.py).
 """
 import asyncio
 import gc
@@ -15,23 +15,15 @@ import time
 
 import numpy as np
 
-from serving.errors import ServiceError
 from serving.inference import Classifier
 from serving.metrics import Metrics
 
 
-class Overloaded(ServiceError):
-    status = 503
-    retry_after = 1  # seconds: a batch takes milliseconds, so the queue drains well within one
-
-
 class DynamicBatcher:
-    def __init__(self, classifier: Classifier, metrics: Metrics, max_batch_size: int, batch_timeout: float,
-                 max_queue: int):
+    def __init__(self, classifier: Classifier, metrics: Metrics, max_batch_size: int, batch_timeout: float):
         self.classifier, self.metrics = classifier, metrics
-        self.max_batch_size, self.batch_timeout, self.max_queue = max_batch_size, batch_timeout, max_queue
+        self.max_batch_size, self.batch_timeout = max_batch_size, batch_timeout
         self.queue: asyncio.Queue | None = None
-        self.queued_images = 0
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -53,18 +45,10 @@ class DynamicBatcher:
 
     async def submit(self, items: list[tuple[str, np.ndarray]]) -> tuple[list[np.ndarray], int]:
         """Queue one request's images; resolves to (log-probabilities per image, images in the batch)."""
-        if self.queued_images + len(items) > self.max_queue:
-            self.metrics.shed.inc()
-            raise Overloaded(f"the server is at capacity ({self.max_queue} images queued in this process); "
-                             f"retry in {Overloaded.retry_after} s")
         future = asyncio.get_running_loop().create_future()
         self.queue.put_nowait((items, future, time.perf_counter()))
-        self.add_queued(len(items))
+        self.metrics.queue_images.inc(len(items))
         return await future
-
-    def add_queued(self, images: int) -> None:
-        self.queued_images += images
-        self.metrics.queue_images.inc(images)
 
     def take_waiting(self, batch: list, images: int) -> int:
         while not self.queue.empty() and images < self.max_batch_size:
@@ -80,7 +64,7 @@ class DynamicBatcher:
             if images < self.max_batch_size and self.batch_timeout > 0:
                 await asyncio.sleep(self.batch_timeout)
                 images = self.take_waiting(batch, images)
-            self.add_queued(-images)
+            self.metrics.queue_images.dec(images)
             started = time.perf_counter()
             for items, _, queued_at in batch:
                 for name in {name for name, _ in items}:

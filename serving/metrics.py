@@ -46,7 +46,9 @@ class Metrics:
         self.queue_images = Gauge("digitserve_queue_images", "Images waiting in the batcher queues now.",
                                   multiprocess_mode="livesum", registry=r)
         self.shed = Counter("digitserve_shed_requests",
-                            "Requests answered 503 at once because the batcher queue was full.", registry=r)
+                            "Inference requests answered 503 at once: the process was at --max-queue.", registry=r)
+        self.in_flight = Gauge("digitserve_requests_in_progress", "Inference requests being handled now.",
+                               multiprocess_mode="livesum", registry=r)
         self.model_info = Gauge("digitserve_model_info", "1 for each served model, with where it runs.",
                                 ["model", "version", "status", "device", "provider"],
                                 multiprocess_mode="livemax", registry=r)

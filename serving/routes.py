@@ -20,7 +20,6 @@ from starlette.exceptions import HTTPException
 
 import export_contract as contract
 from serving import images, schemas, v2
-from serving.batcher import Overloaded
 from serving.errors import InputError, ServiceError
 from serving.http_helpers import AUTH, error_response, read_body, service_of
 from serving.metrics import CONTENT_TYPE
@@ -200,8 +199,7 @@ async def evaluate(name: str, request: Request):
 # --- errors: every one as {"error": ...} with its status ---
 
 async def service_error(request: Request, err: ServiceError) -> JSONResponse:
-    headers = {"Retry-After": str(Overloaded.retry_after)} if isinstance(err, Overloaded) else None
-    return error_response(err.status, err.message, headers)
+    return error_response(err.status, err.message)
 
 
 async def http_error(request: Request, err: HTTPException) -> JSONResponse:

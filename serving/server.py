@@ -29,6 +29,7 @@ from fastapi import APIRouter
 from fastapi.routing import APIRoute
 
 from serving import routes
+from serving.admission import AdmissionControl
 from serving.config import Config
 from serving.connections import guarded_protocol
 from serving.metrics import RequestMetrics
@@ -161,7 +162,9 @@ def build(config: Config) -> tuple[ls.LitServer, Service, HttpProcesses]:
         IdleLitAPI(api_path=API_PATH),
         accelerator="cpu",  # LitServe's worker does nothing: no device of its own, no CUDA context
         healthcheck_path="/litserve/health", info_path="/litserve/info",  # ours are /health, /ready
-        middlewares=[(RequestMetrics, {"metrics": service.metrics})],
+        # Outermost last: every request is counted, refused ones included.
+        middlewares=[(AdmissionControl, {"limit": config.max_queue, "metrics": service.metrics}),
+                     (RequestMetrics, {"metrics": service.metrics})],
         restart_workers=True,  # a killed LitServe worker is replaced rather than taking the server down
     )
     litserve_workarounds(server)

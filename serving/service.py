@@ -90,7 +90,7 @@ class Service:
                                            where["provider"]).set(1)
         self.decoders = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="decode")
         self.batcher = DynamicBatcher(self.classifier, self.metrics, self.config.max_batch_size,
-                                      self.config.batch_timeout, self.config.max_queue)
+                                      self.config.batch_timeout)
         self.batcher.start()
 
     async def stop(self) -> None:

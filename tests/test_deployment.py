@@ -73,7 +73,7 @@ def test_the_dockerfile_cmd_starts_a_ready_server(tmp_path):
 
 def test_sigterm_during_a_burst_answers_every_accepted_request(tmp_path):
     copy_committed(tmp_path / "exports", "digits-cnn")
-    server = ServerProcess(tmp_path / "exports")
+    server = ServerProcess(tmp_path / "exports", args=("--max-queue", "100"))  # drain, not admission, is tested
     server.wait_ready()
     body = {"pixels": [np.zeros((8, 8)).tolist()]}
 

@@ -1,0 +1,58 @@
+"""Admission control: single 8x8 PNG uploads at far more connections than the machine can serve.
+Targets (2 cores, 512 connections): p99 of the accepted requests <= 200 ms, every other request a
+fast 503, none hanging.
+
+    PYTHONPATH=. .venv/bin/python bench/overload.py [--connections 512 2048] [--seconds 20] [-- SERVER FLAGS]
+
+Each connection sends its next request as soon as the last is answered, and, as HTTP clients and
+load balancers should, waits the Retry-After of a 503 first (times 0.5-1.5, the usual jitter that
+keeps refused clients from returning all at once); `--no-backoff` resends at once
+(every refused client hammering: the worst case).
+"""
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+from serve import BOUNDARY, multipart, upload_image  # noqa: E402
+from serving_helpers import ServerProcess  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--connections", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument("--backoff", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("server_flags", nargs="*")
+    args = parser.parse_args()
+    folder = ROOT / "exports" / "digits-cnn"
+    body = Path(tempfile.mkdtemp()) / "body.bin"
+    body.write_bytes(multipart(upload_image(folder, json.loads((folder / "model.json").read_text())["input"])))
+    server = ServerProcess(ROOT / "exports", args=tuple(args.server_flags))
+    rows = []
+    try:
+        server.wait_ready()
+        for connections in args.connections:
+            out = subprocess.run([sys.executable, str(ROOT / "bench" / "load.py"), f"{server.url}/predict", str(body),
+                                  f"multipart/form-data; boundary={BOUNDARY}", "--connections", str(connections),
+                                  "--seconds", str(args.seconds), "--processes", "1",
+                                  *(["--backoff"] if args.backoff else [])],
+                                 capture_output=True, text=True, check=True).stdout
+            rows.append((connections, json.loads(out)))
+    finally:
+        server.stop()
+    print(f"## Overload (`bench/overload.py {' '.join(sys.argv[1:])}`)\n")
+    print("| connections | answered/s | accepted/s | accepted p50 ms | accepted p99 ms | shed (503) | shed p99 ms "
+          "| slowest ms | socket errors |\n|---|---|---|---|---|---|---|---|---|")
+    for connections, r in rows:
+        print(f"| {connections} | {r['rps']:.0f} | {r['ok_rps']:.0f} | {r['ok_p50']:.1f} | {r['ok_p99']:.1f} | "
+              f"{r['shed']} | {r['shed_p99']:.1f} | {r['max']:.0f} | {r['socket_errors']} |")
+
+
+if __name__ == "__main__":
+    main()
