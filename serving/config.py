@@ -24,7 +24,7 @@ class Config:
     batch_timeout: float = 0.0
     workers: int = 2
     max_payload_bytes: int = 1 << 20
-    max_queue: int = 32  # bench/overload.py: p99 of accepted requests 57 ms at 512 connections on 2 cores
+    max_queue: int = 64  # bench/overload.py: accepted p99 92-128 ms at 512 connections on 2 cores
     max_connections: int = 4096
     read_timeout: float = 15.0
     api_key: str | None = None  # only from DIGITSERVE_API_KEY: a flag would show in `ps`
