@@ -10,12 +10,14 @@ The arguments are parsed before torch is imported: --help and argument errors an
 reproducible mode can pin the CPU kernels before torch reads them (training/reproducible.py).
 """
 import argparse
+import re
 import sys
 from pathlib import Path
 
-from training import reproducible
+from training import reproducible, svhn
 from training.errors import DataError, ExportError, UsageError
 from training.recipes import DIGITS_ARCHS
+from training.runs import check_writable
 
 EXIT_STATUS = {UsageError: 2, DataError: 2, ExportError: 1}
 
@@ -28,6 +30,12 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
+
+
+def device_name(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (use auto, cpu, cuda or cuda:N)")
+    return text
 
 
 class Parser(argparse.ArgumentParser):
@@ -53,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-epochs", type=positive_int, default=1000)
     p.add_argument("--patience", type=positive_int, default=20, help="epochs without val NLL improvement before stopping")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--device", type=device_name, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder that receives one folder per run")
     p.add_argument("--export-to", type=Path, help="also publish each run's export here (e.g. exports/)")
     add_reproducible_flag(p, default=True)
@@ -66,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-epochs", type=positive_int, default=40)
     p.add_argument("--patience", type=positive_int, default=5)
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--device", type=device_name, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--width", type=positive_int, default=64, help="channels of the first group; the others get 4x")
     p.add_argument("--batch-size", type=positive_int, help="global batch size (default from the recipe: 512)")
     p.add_argument("--lr", type=float, help="peak learning rate (default from the recipe: 2e-3)")
@@ -88,6 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_before_torch(args) -> None:
+    """Every check that needs no torch, so that a mistake is reported at once, before anything is written."""
+    if args.command == "digits" and not args.all and args.arch is None:
+        raise UsageError("choose --arch {" + ",".join(DIGITS_ARCHS) + "} or --all")
+    if args.command == "svhn":
+        svhn.check_val_fraction(args.val_fraction)
+    if args.command in ("digits", "svhn", "svhn-synth"):
+        check_writable(args.out)
+    if getattr(args, "export_to", None) is not None:
+        check_writable(args.export_to)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -97,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{args.device}")
             args.device = "cpu" if args.device == "auto" else args.device
             reproducible.pin_before_torch()
+        check_before_torch(args)
         from training.commands import COMMANDS  # torch is imported here, after the pins
         COMMANDS[args.command](args)
     except tuple(EXIT_STATUS) as err:

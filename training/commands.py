@@ -1,10 +1,10 @@
-"""What each `python -m training` subcommand does, once its arguments are parsed (imports torch)."""
+"""What each `python -m training` subcommand does, once its arguments are parsed and checked
+(training/__main__.py); this module imports torch."""
 from pathlib import Path
 
 import torch
 
 from training import digits, svhn
-from training.errors import UsageError
 from training.export import export_model, load_run, publish
 from training.recipes import DIGITS_ARCHS
 from training.runs import check_writable
@@ -12,12 +12,7 @@ from training.train import comparison_table, knn_baseline, resolve_device, train
 
 
 def digits_command(args) -> None:
-    if not args.all and args.arch is None:
-        raise UsageError("choose --arch {" + ",".join(DIGITS_ARCHS) + "} or --all")
     device = resolve_device(args.device)
-    check_writable(args.out)
-    if args.export_to is not None:
-        check_writable(args.export_to)
     archs = list(DIGITS_ARCHS) if args.all else [args.arch]
     rows = []
     for arch in archs:
@@ -38,10 +33,6 @@ def digits_command(args) -> None:
 
 
 def svhn_command(args) -> None:
-    svhn.check_val_fraction(args.val_fraction)  # before any data is read or folder made
-    check_writable(args.out)
-    if args.export_to is not None:
-        check_writable(args.export_to)
     finished = train_svhn(args)
     if finished is None:  # a non-zero rank
         return
@@ -55,7 +46,6 @@ def svhn_command(args) -> None:
 
 
 def svhn_synth_command(args) -> None:
-    check_writable(args.out)
     svhn.write_synthetic(args.out, args.train, args.test, args.seed)
     print(f"wrote {args.train} + {args.test} synthetic crops to {args.out} (official .mat layout)")
 

@@ -1,4 +1,7 @@
-"""Run folders: written atomically, holding the checkpoint, metrics.json and the curves."""
+"""Run folders: written atomically, holding the checkpoint, metrics.json and the curves.
+
+Light to import (matplotlib loads when a plot is drawn): the command line checks folders with it
+before torch is imported."""
 import contextlib
 import json
 import os
@@ -8,12 +11,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: training runs on servers
-import matplotlib.pyplot as plt  # noqa: E402
-
-from training.errors import UsageError  # noqa: E402
+from training.errors import UsageError
 
 
 def check_writable(folder: Path) -> None:
@@ -93,6 +91,9 @@ def write_json(path: Path, data: dict) -> None:
 def plot_curves(stem: Path, val_nll: list[float], val_error: list[float], test_nll: float, test_error: float,
                 title: str) -> None:
     """Validation NLL and error per epoch, the test value dashed, as the original notebook drew them."""
+    import matplotlib
+    matplotlib.use("Agg")  # headless: training runs on servers
+    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, curve, test, label, colour in ((axes[0], val_nll, test_nll, "NLL", "tab:blue"),
                                           (axes[1], val_error, test_error, "error", "tab:red")):

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy.io
 
 from training.errors import DataError
 
@@ -43,6 +42,7 @@ def load_split(data_dir: Path, split: str, verify_md5: bool = True) -> Arrays:
         raise DataError(f"{path} is missing: {hint}")
     if verify_md5 and md5(path) != expected_md5:
         raise DataError(f"{path} is corrupt (MD5 differs from the official {expected_md5}): {hint}")
+    import scipy.io
     try:
         mat = scipy.io.loadmat(path)  # MATLAB v5 parser: no pickle involved
     except Exception as err:  # scipy raises several types for unreadable files
@@ -148,6 +148,7 @@ def synthetic_crops(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def write_synthetic(data_dir: Path, n_train: int, n_test: int, seed: int) -> None:
     """train_32x32.mat and test_32x32.mat of synthetic crops, in the official layout."""
+    import scipy.io
     data_dir.mkdir(parents=True, exist_ok=True)
     for split, n, split_seed in (("train", n_train, seed), ("test", n_test, seed + 1)):
         x, y = synthetic_crops(n, split_seed)
