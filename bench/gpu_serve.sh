@@ -5,7 +5,7 @@
 # table per backend (req/s, p50/p99, errors) for bench/RESULTS.md, with the card's name.
 #
 #   bench/gpu_serve.sh                                   # on the GPU machine, about 5 minutes
-#   DEVICE=cpu CONNECTIONS=32 SECONDS=5 bench/gpu_serve.sh   # the dry run on a CPU machine
+#   DEVICE=cpu CONNECTIONS=32 RUN_SECONDS=5 bench/gpu_serve.sh   # the dry run on a CPU machine
 #
 # Needs the project's serving and training dependencies in PYTHON's environment (a GPU image
 # without them: WHEELS=DIR points pip at wheels carried in; see bench/RESULTS.md).
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 CONNECTIONS=${CONNECTIONS:-384}
-SECONDS_PER_RUN=${SECONDS:-20}
+SECONDS_PER_RUN=${RUN_SECONDS:-20}  # not SECONDS: bash counts that one itself
 WORKERS=${WORKERS:-$(nproc)}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT

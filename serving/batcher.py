@@ -7,7 +7,7 @@ ONNX Runtime endpoint (bench/RESULTS.md). Here requests queue in memory in the p
 them; a batch is whatever arrived while the previous batch ran (plus up to `batch_timeout`, up to
 `max_batch_size` images), and the models run in a thread, since ONNX Runtime and torch release the
 GIL, while the event loop keeps reading requests. How much may wait is bounded before requests
-get here (serving/admission.py).
+get here (Service.admitted).
 """
 import asyncio
 import gc

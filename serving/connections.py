@@ -16,7 +16,7 @@ import json
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-UVICORN_CHECKED = "0.54.0"
+UVICORN_CHECKED = "0.54.0"  # pyproject admits 0.54.x
 SHUTDOWN_LINGER = 1.0  # seconds: a round trip and then some
 
 
@@ -26,6 +26,7 @@ def guarded_protocol(read_timeout: float) -> type:
             super().connection_made(transport)
             self.read_deadline = self.loop.call_later(read_timeout, self.request_too_slow)
             self.stopping = False
+            self.awaiting_headers = True  # of a request not yet answered (self.cycle is the last one's)
 
         def connection_lost(self, exc) -> None:
             self.read_deadline.cancel()
@@ -33,10 +34,12 @@ def guarded_protocol(read_timeout: float) -> type:
 
         def on_message_begin(self) -> None:  # the first byte of a request (the next one on a kept-alive connection)
             super().on_message_begin()
+            self.awaiting_headers = True
             self.read_deadline.cancel()
             self.read_deadline = self.loop.call_later(read_timeout, self.request_too_slow)
 
         def on_headers_complete(self) -> None:
+            self.awaiting_headers = False
             super().on_headers_complete()
             if self.stopping and self.cycle is not None:
                 self.cycle.keep_alive = False  # the last request on this connection
@@ -48,12 +51,12 @@ def guarded_protocol(read_timeout: float) -> type:
         def request_too_slow(self) -> None:
             if self.transport.is_closing():
                 return
-            if self.cycle is None or self.cycle.response_complete or not self.cycle.response_started:
+            if self.awaiting_headers or not self.cycle.response_started:  # else it was answered (413, 503) early
                 body = json.dumps({"error": f"the request did not arrive whole within {read_timeout:g} s"}).encode()
                 self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
                                      b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
                                      + body)
-                if self.cycle is not None and not self.cycle.response_complete:
+                if not self.awaiting_headers:
                     self.cycle.disconnected = True  # the application's answer, if any, is not sent now
             self.transport.close()
 

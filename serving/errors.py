@@ -26,3 +26,9 @@ class ModelNotFound(ServiceError):
 
 class ModelUnavailable(ServiceError):
     status = 503
+
+
+class Overloaded(ServiceError):
+    """The process is at --max-queue: 503 with Retry-After."""
+    status = 503
+    retry_after = 1  # seconds: a batch takes milliseconds, by then the queue has turned over many times

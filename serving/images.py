@@ -1,8 +1,8 @@
 """Uploaded images and pixel arrays -> the exact arrays an exported model takes.
 
 Everything here is pure NumPy + Pillow and raises `InputError` (an HTTP status and a message) for
-anything a client got wrong; it never touches a model. Decoding is CPU work: the routes run it in a
-thread, off the event loop.
+anything a client got wrong; it never touches a model. Decoding is CPU work: the service runs it in
+a decoder thread, off the event loop, unless the request is small (serving/service.py).
 """
 import base64
 import binascii
@@ -76,9 +76,11 @@ def to_gray_or_rgb(image: Image.Image, color: str) -> np.ndarray:
 
 def convert(image: Image.Image, color: str) -> np.ndarray:
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 0..65535 -> 0..255, rounded, in integers: a 4096 x 4096 upload stays at 64 MB of temporaries
+        # 0..65535 -> 0..255, rounded, in integers and in place: a 4096 x 4096 upload needs one 64 MB array
         values = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)
-        image = Image.fromarray(((values + 128) // 257).astype(np.uint8), "L")
+        values += 128
+        values //= 257
+        image = Image.fromarray(values.astype(np.uint8), "L")
     elif image.mode == "F":
         image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L")
     if image.mode in ("P", "PA"):

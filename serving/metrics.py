@@ -28,7 +28,8 @@ class Metrics:
         self.models = frozenset(models)
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("digitserve_http_requests", "HTTP requests by model, route template, method and status.",
+        self.requests = Counter("digitserve_http_requests",
+                                "HTTP requests by model, route template, method and status.",
                                 ["model", "route", "method", "status"], registry=r)
         self.request_seconds = Histogram("digitserve_http_request_duration_seconds",
                                          "Time from request to response, by route template.", ["route"],
@@ -36,7 +37,8 @@ class Metrics:
         self.images = Counter("digitserve_images", "Images classified, by model and version.", ["model", "version"],
                               registry=r)
         self.batch_size = Histogram("digitserve_inference_batch_images",
-                                    "Images in each batcher run (all models together).", buckets=BATCH_BUCKETS, registry=r)
+                                    "Images in each batcher run (all models together).", buckets=BATCH_BUCKETS,
+                                    registry=r)
         self.queue_seconds = Histogram("digitserve_queue_duration_seconds",
                                        "Time a request waited in its process's batcher queue before inference.",
                                        ["model"], buckets=LATENCY_BUCKETS, registry=r)
@@ -47,9 +49,10 @@ class Metrics:
                                   multiprocess_mode="livesum", registry=r)
         self.shed = Counter("digitserve_shed_requests",
                             "Inference requests answered 503 at once: the process was at --max-queue.", registry=r)
-        self.in_flight = Gauge("digitserve_requests_in_progress", "Inference requests being handled now.",
+        self.in_flight = Gauge("digitserve_requests_in_progress", "Inference requests admitted and not yet answered.",
                                multiprocess_mode="livesum", registry=r)
-        self.model_info = Gauge("digitserve_model_info", "1 for each served model, with where it runs.",
+        self.model_info = Gauge("digitserve_model_info", "1 for each model in the exports folder: its status "
+                                "(ready or unavailable) and where it runs.",
                                 ["model", "version", "status", "device", "provider"],
                                 multiprocess_mode="livemax", registry=r)
 

@@ -71,7 +71,8 @@ def check_export(folder: Path, backend: str) -> ModelEntry:
         entry.error = f"manifest name {manifest['name']!r} does not match its folder {folder.name!r}"
         return entry
     entry.manifest = manifest
-    served = [manifest["artifacts"][backend], manifest["curves"]] + ([manifest["test_set"]] if "test_set" in manifest else [])
+    served = [manifest["artifacts"][backend], manifest["curves"], *([manifest["test_set"]] if "test_set" in manifest
+                                                                    else [])]
     entry.error = next(filter(None, (file_problem(folder, item) for item in served)), None)
     return entry
 

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 
 import export_contract as contract
 from serving import images, schemas, v2
-from serving.errors import InputError, ServiceError
+from serving.errors import InputError, Overloaded, ServiceError
 from serving.http_helpers import AUTH, error_response, read_body, service_of
 from serving.metrics import CONTENT_TYPE
 from serving.service import MAX_IMAGES_PER_REQUEST, Service
@@ -88,9 +88,10 @@ async def predict(request: Request):
     service = service_of(request)
     body = await read_body(request)
     content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
+    media_type = content_type.partition(";")[0].strip().lower()
+    if media_type == "multipart/form-data":
         inputs, options = await parse_multipart(request, body)
-    elif content_type.startswith("application/json") or not content_type:
+    elif media_type in ("application/json", ""):
         inputs, options = parse_json(body)
     else:
         raise InputError(f"send multipart/form-data or application/json, not {content_type!r}", 415)
@@ -98,9 +99,10 @@ async def predict(request: Request):
     model = options.get("model") or query.get("model") or None
     invert = options.get("invert") or parse_bool(query.get("invert"), "invert")
     resize = options.get("resize") or parse_bool(query.get("resize"), "resize")
-    items = await service.prepare(inputs, model, invert, resize)
-    request.state.model = items[0][0]
-    log_probs, batch_images = await service.infer(items)
+    async with service.admitted():
+        items = await service.prepare(inputs, model, invert, resize)
+        request.state.model = items[0][0]
+        log_probs, batch_images = await service.infer(items)
     return {"predictions": [prediction(service, label, name, rows, batch_images)
                             for (label, _, _), (name, _), rows in zip(inputs, items, log_probs)]}
 
@@ -131,11 +133,16 @@ async def parse_multipart(request: Request, body: bytes) -> tuple[list, dict]:
         raise InputError(f"malformed multipart body: {err.detail}", 400) from None
     except Exception as err:  # the multipart parser raises several types for malformed bodies
         raise InputError(f"malformed multipart body: {images.one_line(err)}", 400) from None
+    options = {}
+    for name in ("model", "invert", "resize"):
+        value = form.get(name)
+        if isinstance(value, UploadFile):
+            raise InputError(f"form field {name!r} must be a value, not a file", 422)
+        options[name] = value
     inputs = [(value.filename or key, "bytes", await value.read())
               for key, value in form.multi_items() if isinstance(value, UploadFile)]
-    options = {"model": form.get("model") or None,
-               "invert": parse_bool(form.get("invert"), "invert"), "resize": parse_bool(form.get("resize"), "resize")}
-    return inputs, options
+    return inputs, {"model": options["model"] or None, "invert": parse_bool(options["invert"], "invert"),
+                    "resize": parse_bool(options["resize"], "resize")}
 
 
 def parse_json(body: bytes) -> tuple[list, dict]:
@@ -187,9 +194,10 @@ async def evaluate(name: str, request: Request):
         x, y = data["x"], data["y"]
     started = time.perf_counter()
     log_probs = []
-    for start in range(0, len(y), MAX_IMAGES_PER_REQUEST):
-        chunk = x[start:start + MAX_IMAGES_PER_REQUEST]
-        log_probs += (await service.infer([(name, array) for array in chunk]))[0]
+    async with service.admitted():
+        for start in range(0, len(y), MAX_IMAGES_PER_REQUEST):
+            chunk = x[start:start + MAX_IMAGES_PER_REQUEST]
+            log_probs += (await service.infer([(name, array) for array in chunk]))[0]
     served = contract.test_metrics(np.stack(log_probs), y)
     recorded = {k: entry.manifest["metrics"]["test"][k] for k in ("nll", "error", "errors", "n")}
     return {"model": name, "backend": service.config.backend, "served": served, "manifest": recorded,
@@ -199,7 +207,8 @@ async def evaluate(name: str, request: Request):
 # --- errors: every one as {"error": ...} with its status ---
 
 async def service_error(request: Request, err: ServiceError) -> JSONResponse:
-    return error_response(err.status, err.message)
+    headers = {"Retry-After": str(err.retry_after)} if isinstance(err, Overloaded) else None
+    return error_response(err.status, err.message, headers)
 
 
 async def http_error(request: Request, err: HTTPException) -> JSONResponse:

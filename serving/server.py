@@ -1,10 +1,13 @@
 """LitServe runs the service: the HTTP processes sharing the port, start-up, graceful shutdown.
 
-This is the only module that imports litserve. It is used through its constructor parameters
-(`healthcheck_path`, `info_path`, `middlewares`, `restart_workers`); the digitserve routes are a
-FastAPI router included in the app LitServe builds. What LitServe offers no parameter for sits in
-`litserve_workarounds()`, checked against LITSERVE_CHECKED, and tests/test_server.py fails loudly
-if an upgrade changes it.
+This is the only module that imports litserve (pinned to LITSERVE_CHECKED). It is used through its
+constructor parameters (`healthcheck_path`, `info_path`, `middlewares`, `restart_workers`) and
+run()'s uvicorn keyword arguments; the digitserve routes are a FastAPI router included in the app
+LitServe builds. What LitServe offers no parameter for: its own `/` and `/predict` routes and the
+drain time (`litserve_workarounds()`, which fails loudly if they are not as expected), and, in
+`run()`, the process handling around it: its queue manager inherits the listening socket (found
+when it is forked), its main loop ends with EOFError when that manager dies, and it stops the HTTP
+processes one after another. tests/test_server.py exercises each of these on a real server.
 
 LitServe also always starts a worker process for its LitAPI, fed by a multiprocessing.Manager
 queue. digitserve's requests never take that path (serving/batcher.py says why), so the LitAPI
@@ -29,7 +32,6 @@ from fastapi import APIRouter
 from fastapi.routing import APIRoute
 
 from serving import routes
-from serving.admission import AdmissionControl
 from serving.config import Config
 from serving.connections import guarded_protocol
 from serving.metrics import RequestMetrics
@@ -74,22 +76,34 @@ class HttpProcesses:
 
     def __init__(self, count: int):
         self.pids = multiprocessing.get_context("fork").Array("i", count)  # shared before LitServe forks
-        self.failed = threading.Event()
+        self.started = threading.Event()   # every HTTP process is up: LitServe waits in its main loop
+        self.stop_pending = False          # a stop asked for before that, delivered once started
         self.stopping = threading.Event()  # a deliberate stop: processes ending now are not failures
+        self.failed = threading.Event()
         self.router = APIRouter(lifespan=self.lifespan)
 
     @asynccontextmanager
     async def lifespan(self, app):
         with self.pids.get_lock():
-            self.pids[list(self.pids).index(0)] = os.getpid()
+            free = [i for i, pid in enumerate(self.pids) if pid == 0]
+            if free:
+                self.pids[free[0]] = os.getpid()
         yield
 
+    def running(self) -> list[int]:
+        return [pid for pid in self.pids if pid]
+
     def watch(self, every: float = 0.5) -> None:
-        """Start a thread that stops the server when a recorded HTTP process has died."""
+        """Start a thread that notes when every HTTP process is up, delivers a stop that arrived
+        earlier, and stops the server when one has died."""
         def loop():
             while not self.stopping.is_set():
                 time.sleep(every)
-                dead = [pid for pid in self.pids if pid and not alive(pid)]
+                if not self.started.is_set() and all(self.pids):
+                    self.started.set()
+                    if self.stop_pending:
+                        os.kill(os.getpid(), signal.SIGTERM)
+                dead = [pid for pid in self.running() if not alive(pid)]
                 if dead and not self.stopping.is_set():
                     log.error("HTTP process %s died and LitServe does not replace it: stopping the server (exit 1) "
                               "so that its supervisor restarts it", dead[0])
@@ -116,12 +130,14 @@ def return_freed_memory() -> None:
         ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD; setting it also stops its adjustment
 
 
-def allow_many_connections() -> None:
-    """Raise the open-files limit to its ceiling: the default 1024 would refuse connections (and
-    files) well before --max-connections in each of several processes."""
+def allow_many_connections(connections: int) -> None:
+    """Raise the open-files limit (often 1024) to what --max-connections in each of the processes
+    needs, with room for the process's own files, within the hard limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    wanted = connections + 1024
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        limit = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
 
 
 def release_listening_socket(port: int) -> None:
@@ -137,21 +153,34 @@ def release_listening_socket(port: int) -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     try:
         for name in os.listdir("/proc/self/fd"):
-            fd = int(name)
-            try:
-                with socket.socket(fileno=os.dup(fd)) as candidate:
-                    bound = candidate.getsockname()
-                    try:
-                        candidate.getpeername()
-                        continue  # a connection, not the server's socket
-                    except OSError:
-                        pass
-            except OSError:
-                continue  # not a socket
-            if isinstance(bound, tuple) and bound[1] == port:  # bound (listening once uvicorn starts)
-                os.dup2(devnull, fd)
+            if server_socket(int(name), port):
+                os.dup2(devnull, int(name))
     finally:
         os.close(devnull)
+
+
+def server_socket(fd: int, port: int) -> bool:
+    """`fd` is a socket bound to `port` and connected to nobody: the one LitServe bound (listening once
+    uvicorn starts), not an accepted connection."""
+    try:
+        copy = os.dup(fd)
+    except OSError:
+        return False  # closed since it was listed (listdir's own descriptor)
+    try:
+        candidate = socket.socket(fileno=copy)
+    except OSError:
+        os.close(copy)
+        return False  # not a socket
+    with candidate:
+        try:
+            bound = candidate.getsockname()
+        except OSError:
+            return False
+        try:
+            candidate.getpeername()
+            return False
+        except OSError:
+            return isinstance(bound, tuple) and len(bound) >= 2 and bound[1] == port
 
 
 def build(config: Config) -> tuple[ls.LitServer, Service, HttpProcesses]:
@@ -162,9 +191,7 @@ def build(config: Config) -> tuple[ls.LitServer, Service, HttpProcesses]:
         IdleLitAPI(api_path=API_PATH),
         accelerator="cpu",  # LitServe's worker does nothing: no device of its own, no CUDA context
         healthcheck_path="/litserve/health", info_path="/litserve/info",  # ours are /health, /ready
-        # Outermost last: every request is counted, refused ones included.
-        middlewares=[(AdmissionControl, {"limit": config.max_queue, "metrics": service.metrics}),
-                     (RequestMetrics, {"metrics": service.metrics})],
+        middlewares=[(RequestMetrics, {"metrics": service.metrics})],
         restart_workers=True,  # a killed LitServe worker is replaced rather than taking the server down
     )
     litserve_workarounds(server)
@@ -220,8 +247,13 @@ def run(server: ls.LitServer, service: Service, processes: HttpProcesses) -> int
         if os.getpid() == main_pid:
             if processes.stopping.is_set():
                 return  # already stopping: let the drain finish
+            if not processes.started.is_set():
+                processes.stop_pending = True  # LitServe is still forking: interrupting it would leave debris
+                return
             processes.stopping.set()
             release_listening_socket(config.port)
+            for pid in processes.running():  # LitServe stops them one after another, 7 s each at worst
+                os.kill(pid, signal.SIGTERM)
             raise KeyboardInterrupt
         if service.classifier is None:
             return  # LitServe's queue manager (forked before any HTTP process started): LitServe stops it last
@@ -234,7 +266,7 @@ def run(server: ls.LitServer, service: Service, processes: HttpProcesses) -> int
 
     signal.signal(signal.SIGTERM, stop_gracefully)
     signal.signal(signal.SIGINT, stop_gracefully)
-    allow_many_connections()
+    allow_many_connections(config.max_connections)
     return_freed_memory()  # before LitServe forks: the HTTP processes inherit it
     processes.watch()
     try:

@@ -10,6 +10,7 @@ import hmac
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 
 import numpy as np
 from prometheus_client import multiprocess
@@ -18,7 +19,7 @@ from serving import images, registry
 from serving.backends import BACKENDS, BackendError
 from serving.batcher import DynamicBatcher
 from serving.config import Config
-from serving.errors import InputError, ModelNotFound, ModelUnavailable, Unauthorized
+from serving.errors import InputError, ModelNotFound, ModelUnavailable, Overloaded, Unauthorized
 from serving.inference import Classifier
 from serving.metrics import Metrics, multiprocess_dir
 
@@ -32,6 +33,12 @@ MAX_REQUEST_PIXELS = images.MAX_DECLARED_PIXELS
 # microseconds, less than handing them to a thread and back.
 INLINE_PIXELS = 64 * 64
 INLINE_ARRAYS = 4
+
+
+def decoder_threads() -> int:
+    """The cores this process may use (a container's CPU set, not the host's), at most 4: each of the
+    largest decodes holds about 100 MB while it runs."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
 class StartupError(Exception):
@@ -64,6 +71,7 @@ class Service:
         self.classifier: Classifier | None = None
         self.batcher: DynamicBatcher | None = None
         self.decoders: ThreadPoolExecutor | None = None
+        self.in_progress = 0  # inference requests this process has admitted and not yet answered
 
     @property
     def ready_models(self) -> dict[str, registry.ModelEntry]:
@@ -82,13 +90,17 @@ class Service:
     def start(self) -> None:
         """Load and warm this process's models on their device, then batch (before it accepts connections)."""
         self.classifier = Classifier(self.artifacts(), self.config.backend, self.device)
-        for name, reason in self.classifier.load().items():
+        failed = self.classifier.load()
+        for name, reason in failed.items():
             log.error("model %s unavailable in process %d: %s", name, os.getpid(), reason)
-            self.entries[name].error = reason
-        for name, where in self.classifier.placement().items():
-            self.metrics.model_info.labels(name, self.entries[name].manifest["version"], "ready", where["device"],
-                                           where["provider"]).set(1)
-        self.decoders = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="decode")
+        self.mark_unavailable(failed)
+        placement = self.classifier.placement()
+        for name, entry in self.entries.items():
+            where = placement.get(name, {"device": "", "provider": ""})
+            version = entry.manifest["version"] if entry.manifest else ""
+            self.metrics.model_info.labels(name, version, "ready" if name in placement else "unavailable",
+                                           where["device"], where["provider"]).set(1)
+        self.decoders = ThreadPoolExecutor(max_workers=decoder_threads(), thread_name_prefix="decode")
         self.batcher = DynamicBatcher(self.classifier, self.metrics, self.config.max_batch_size,
                                       self.config.batch_timeout)
         self.batcher.start()
@@ -138,7 +150,25 @@ class Service:
     def default_model(self, task: str) -> registry.ModelEntry:
         if task not in self.defaults:
             raise InputError(f"no {task} model is served for this image size", 422)
-        return self.ready_models[self.defaults[task]]
+        return self.model(self.defaults[task])  # 503 if it failed to load in this process
+
+    @asynccontextmanager
+    async def admitted(self):
+        """At most --max-queue inference requests in progress in this process; the others are refused
+        at once (503, Retry-After) instead of waiting behind them. With more clients than the machine
+        can serve, latency otherwise grows with their number (p99 1.5 s at 512 connections on 2 cores).
+        Entered once the request's body has arrived, so that slow uploads hold no place."""
+        if self.in_progress >= self.config.max_queue:
+            self.metrics.shed.inc()
+            raise Overloaded(f"the server is at capacity ({self.config.max_queue} requests in progress in this "
+                             f"process); retry in {Overloaded.retry_after} s")
+        self.in_progress += 1
+        self.metrics.in_flight.inc()
+        try:
+            yield
+        finally:
+            self.in_progress -= 1
+            self.metrics.in_flight.dec()
 
     async def prepare(self, inputs: list[tuple[str, str, object]], model: str | None, invert: bool,
                       resize: bool) -> list[tuple[str, np.ndarray]]:

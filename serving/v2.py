@@ -74,7 +74,9 @@ async def infer(name: str, request: Request):
     if len(infer_request.inputs) != 1:
         raise InputError(f"expected exactly one input tensor, got {len(infer_request.inputs)}", 400)
     array = tensor_array(infer_request.inputs[0], entry.manifest["input"])
-    log_probs, _ = await service_of(request).infer([(name, row) for row in array])
+    service = service_of(request)
+    async with service.admitted():
+        log_probs, _ = await service.infer([(name, row) for row in array])
     log_probs = np.stack(log_probs).astype(np.float32)
     return {"model_name": name, "model_version": entry.manifest["version"], "id": infer_request.id,
             "outputs": [{"name": entry.manifest["output"]["name"], "shape": list(log_probs.shape),

@@ -19,7 +19,6 @@ from PIL import Image
 from torch import nn
 
 from serving import routes
-from serving.admission import AdmissionControl
 from serving.config import Config
 from serving.metrics import RequestMetrics
 from serving.service import Service
@@ -36,7 +35,6 @@ def in_process(exports: Path, **settings) -> TestClient:
     routes, service and metrics middleware. Use as a context manager (it runs the lifespan)."""
     service = Service(Config(exports=exports, **settings))
     app = FastAPI()
-    app.add_middleware(AdmissionControl, limit=service.config.max_queue, metrics=service.metrics)
     app.add_middleware(RequestMetrics, metrics=service.metrics)
     routes.install(app, service)
     return TestClient(app, raise_server_exceptions=False)

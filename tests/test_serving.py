@@ -19,6 +19,7 @@ from serving_helpers import build_svhn_export, copy_committed, in_process, png, 
 from training import digits
 
 API_KEY = "test-key-123"
+VALID_DIGIT = png(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4, "L")
 
 
 @pytest.fixture(scope="module")
@@ -412,3 +413,28 @@ def test_a_full_queue_sheds_requests_at_once_with_retry_after(exports, monkeypat
         assert 200 in statuses and shed and set(statuses) == {200, 503}
         assert all(r.headers["retry-after"] == "1" and "capacity" in r.json()["error"] for r in shed)
         assert metric(c, "digitserve_shed_requests_total") == len(shed)
+
+
+def test_a_file_where_an_option_belongs_is_a_client_error(client):
+    response = client.post("/predict", files=[("file", ("d.png", VALID_DIGIT)), ("invert", ("x.txt", b"true"))])
+    assert response.status_code == 422 and "'invert' must be a value, not a file" in response.json()["error"]
+
+
+def test_a_default_model_that_fails_to_load_in_a_process_is_503_not_500(exports, monkeypatch):
+    from serving.inference import Classifier
+    real_load = Classifier.load
+
+    def load_without_cnn(self, warm=True):
+        failed = real_load(self, warm)
+        if warm:  # in the HTTP process, after the start-up check passed
+            self.runners.pop("digits-cnn", None)
+            failed["digits-cnn"] = "CUDA ran out of memory (simulated)"
+        return failed
+    monkeypatch.setattr(Classifier, "load", load_without_cnn)
+    with in_process(exports) as c:
+        response = c.post("/predict", json={"pixels": [np.zeros((8, 8)).tolist()]})
+        assert response.status_code == 503 and "simulated" in response.json()["error"]
+        assert c.post("/predict", json={"model": "digits-mlp", "pixels": [np.zeros((8, 8)).tolist()]}).status_code == 200
+        info = {s.labels["model"]: s.labels["status"] for f in text_string_to_metric_families(c.get("/metrics").text)
+                for s in f.samples if s.name == "digitserve_model_info"}
+        assert info["digits-cnn"] == "unavailable" and info["digits-mlp"] == "ready"

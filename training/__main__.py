@@ -45,10 +45,11 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def add_reproducible_flag(parser: argparse.ArgumentParser, default: bool) -> None:
+def add_reproducible_flag(parser: argparse.ArgumentParser, default: bool | None) -> None:
     parser.add_argument("--reproducible", action=argparse.BooleanOptionalAction, default=default,
                         help="pin the CPU kernels and threads so that the run gives the same weights on any x86_64 "
-                             "machine with AVX2 (CPU only; --device auto then means cpu)")
+                             "machine with AVX2 (CPU only; --device auto then means cpu). Default for digits: "
+                             "pinned where the machine allows, with a note where it does not")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=device_name, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder that receives one folder per run")
     p.add_argument("--export-to", type=Path, help="also publish each run's export here (e.g. exports/)")
-    add_reproducible_flag(p, default=True)
+    add_reproducible_flag(p, default=None)
 
     p = commands.add_parser("svhn", help="train the SVHN CNN (official train/test .mat files; torchrun for multi-GPU)")
     p.add_argument("--data-dir", type=Path, default=Path("data/svhn"), help="holds train_32x32.mat and test_32x32.mat")
@@ -111,12 +112,16 @@ def check_before_torch(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if getattr(args, "reproducible", False):
+        mode = getattr(args, "reproducible", False)  # True: asked for; None: where the machine allows; False: off
+        if mode is not False:
             if args.device.startswith("cuda"):
-                raise UsageError(f"reproducible mode trains on the CPU only; pass --no-reproducible to train on "
-                                 f"{args.device}")
-            args.device = "cpu" if args.device == "auto" else args.device
-            reproducible.pin_before_torch()
+                if mode:
+                    raise UsageError(f"reproducible mode trains on the CPU only; pass --no-reproducible to train "
+                                     f"on {args.device}")
+                args.reproducible = False
+            else:
+                args.device = "cpu" if args.device == "auto" else args.device
+                reproducible.pin_before_torch(required=bool(mode))
         check_before_torch(args)
         from training.commands import COMMANDS  # torch is imported here, after the pins
         COMMANDS[args.command](args)

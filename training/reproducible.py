@@ -22,37 +22,54 @@ THREADS = 2  # the development VMs' core count: more threads do not speed the 8x
 OFF = {"pinned": False}
 
 _pinned = False
+_refused: str | None = None  # why pin_before_torch() did not pin (said once, recorded with each run)
 
 
-def pin_before_torch() -> None:
-    """Put the pinned kernel choices in the environment; must run before this process imports torch."""
-    global _pinned
+def pin_before_torch(required: bool = True) -> bool:
+    """Put the pinned kernel choices in the environment; must run before this process imports torch.
+
+    Returns whether they are set. What prevents them is a UsageError when `required` (the user asked
+    for --reproducible), else a note on stderr: the run goes on unpinned."""
+    global _pinned, _refused
     if _pinned:
-        return
+        return True
+    problem = None
     if "torch" in sys.modules:
-        raise UsageError("reproducible mode must be set up before torch is imported: call "
-                         "training.reproducible.pin_before_torch() first (python -m training does)")
+        problem = ("reproducible mode must be set up before torch is imported: call "
+                   "training.reproducible.pin_before_torch() first (python -m training does)")
     for name, value in PINNED_ENV.items():
-        if os.environ.get(name, value) != value:
-            raise UsageError(f"{name}={os.environ[name]} in the environment conflicts with reproducible mode, "
-                             f"which pins {name}={value}: unset it, or pass --no-reproducible")
+        if problem is None and os.environ.get(name, value) != value:
+            problem = f"{name}={os.environ[name]} in the environment conflicts with reproducible mode, which pins {value}"
+    if problem is not None:
+        _refused = problem
+        return refuse(problem, required)
     os.environ.update(PINNED_ENV)
     _pinned = True
+    return True
 
 
-def activate(device) -> dict:
-    """Apply the run-time half of the pins and check that the kernel choices took; returns the record
-    that metrics.json and the manifest carry."""
+def activate(device, required: bool = True) -> dict:
+    """Apply the run-time half of the pins and check that the kernel choices took. Returns the record
+    that metrics.json and the manifest carry: pinned, or not and why (then a UsageError if `required`)."""
     import torch
+    if not _pinned and _refused is not None and not required:
+        return {**OFF, "reason": _refused}  # said when pinning was refused
     if device.type != "cpu":
-        raise UsageError(f"reproducible mode trains on the CPU only; pass --no-reproducible to train on {device}")
-    if not _pinned:
-        raise UsageError("reproducible mode was not set up before torch was imported: call "
-                         "training.reproducible.pin_before_torch() first (python -m training does)")
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability != "AVX2":
-        raise UsageError(f"reproducible mode needs PyTorch's AVX2 kernels but it runs {capability} ones "
-                         "(a CPU without AVX2?): pass --no-reproducible")
-    torch.set_num_threads(THREADS)
-    torch.use_deterministic_algorithms(True)
-    return {"pinned": True, "env": dict(PINNED_ENV), "threads": THREADS, "deterministic_algorithms": True}
+        problem = f"reproducible mode trains on the CPU only, and this run is on {device}"
+    elif not _pinned:
+        problem = "the CPU kernels were not pinned before torch was imported"
+    elif (capability := torch.backends.cpu.get_cpu_capability()) != "AVX2":
+        problem = f"reproducible mode needs PyTorch's AVX2 kernels and this CPU gives {capability} ones"
+    else:
+        torch.set_num_threads(THREADS)
+        torch.use_deterministic_algorithms(True)
+        return {"pinned": True, "env": dict(PINNED_ENV), "threads": THREADS, "deterministic_algorithms": True}
+    refuse(problem, required)
+    return {**OFF, "reason": problem}
+
+
+def refuse(problem: str, required: bool) -> bool:
+    if required:
+        raise UsageError(f"{problem}; pass --no-reproducible")
+    print(f"note: {problem}: this run is not pinned, and its weights depend on the machine", file=sys.stderr)
+    return False

@@ -65,14 +65,16 @@ def run_metrics(task: str, arch: str, summary: str, seed: int, config: dict, dev
 
 
 def train_digits(arch: str, seed: int, max_epochs: int, patience: int, device: torch.device, out: Path,
-                 progress: bool = True, reproducible_mode: bool = True) -> tuple[Path, dict]:
+                 progress: bool = True, reproducible_mode: bool | None = None) -> tuple[Path, dict]:
     """Train one digits model, evaluate it on test, export it, and write its run folder atomically.
 
-    `reproducible_mode` (the default) needs training.reproducible.pin_before_torch() to have run
-    before torch was imported; it makes the run's weights the same on any x86_64 machine with AVX2.
+    `reproducible_mode`: True requires the pins (training.reproducible.pin_before_torch() before
+    torch was imported, a CPU with AVX2), which make the weights the same on any x86_64 machine with
+    AVX2; None (the default) pins where possible and notes why not; False does not pin.
     """
     spec = DIGITS_ARCHS[arch]
-    reproducibility = reproducible.activate(device) if reproducible_mode else reproducible.OFF
+    reproducibility = (reproducible.OFF if reproducible_mode is False
+                       else reproducible.activate(device, required=bool(reproducible_mode)))
     torch.manual_seed(seed)
     train, val, test = (digits.load_split(name, device) for name in ("train", "val", "test"))
     model = spec.build().to(device)
@@ -90,7 +92,7 @@ def train_svhn(args) -> tuple[Path, dict] | None:
     """Train the SVHN CNN (under torchrun: data-parallel); rank 0 evaluates, exports and writes."""
     rank, world, device = init_distributed(args.device)
     try:
-        reproducibility = reproducible.activate(device) if args.reproducible else reproducible.OFF
+        reproducibility = reproducible.activate(device) if args.reproducible else reproducible.OFF  # opt-in
         if args.download and rank == 0:
             svhn.download(args.data_dir)
         if world > 1:
