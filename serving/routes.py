@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.staticfiles import StaticFiles
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -26,6 +28,7 @@ from serving.metrics import CONTENT_TYPE
 from serving.service import MAX_IMAGES_PER_REQUEST, Service
 
 PAGE = (Path(__file__).parent / "static" / "index.html").read_text()
+DOCS_ASSETS = "/docs/assets"
 
 
 @asynccontextmanager
@@ -68,6 +71,15 @@ async def page():
     return HTMLResponse(PAGE)
 
 
+@router.get("/docs", include_in_schema=False)
+async def docs():
+    """Swagger UI from the swagger-ui-py package's files (FastAPI's own /docs loads it from a CDN)."""
+    return get_swagger_ui_html(openapi_url="/openapi.json", title="digitserve API",
+                               swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                               swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                               swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")
+
+
 # --- prediction ---
 
 PREDICT_BODY = {"requestBody": {"required": True, "content": {
@@ -97,26 +109,28 @@ async def predict(request: Request):
         raise InputError(f"send multipart/form-data or application/json, not {content_type!r}", 415)
     query = request.query_params
     model = options.get("model") or query.get("model") or None
-    invert = options.get("invert") or parse_bool(query.get("invert"), "invert")
-    resize = options.get("resize") or parse_bool(query.get("resize"), "resize")
+    invert = options["invert"] if options["invert"] is not None else parse_bool(query.get("invert"), "invert")
+    resize = options["resize"] or parse_bool(query.get("resize"), "resize") or False
     async with service.admitted():
         items = await service.prepare(inputs, model, invert, resize)
         request.state.model = items[0][0]
         log_probs, batch_images = await service.infer(items)
-    return {"predictions": [prediction(service, label, name, rows, batch_images)
-                            for (label, _, _), (name, _), rows in zip(inputs, items, log_probs)]}
+    return {"predictions": [prediction(service, label, name, array, rows, batch_images)
+                            for (label, _, _), (name, array), rows in zip(inputs, items, log_probs)]}
 
 
-def prediction(service: Service, label: str, name: str, log_probs: np.ndarray, batch_images: int) -> dict:
+def prediction(service: Service, label: str, name: str, array: np.ndarray, log_probs: np.ndarray,
+               batch_images: int) -> dict:
     probabilities = np.exp(log_probs.astype(np.float64))
     return {"input": label, "model": name, "version": service.entries[name].manifest["version"],
             "label": int(np.argmax(log_probs)), "probabilities": [round(float(p), 6) for p in probabilities],
-            "batch_size": batch_images}
+            "batch_size": batch_images, "model_input": images.as_pixels(array)}
 
 
-def parse_bool(value: str | None, name: str) -> bool:
+def parse_bool(value: str | None, name: str) -> bool | None:
+    """A form or query flag; None where it is not given."""
     if value is None or value == "":
-        return False
+        return None
     if value.lower() in ("1", "true", "yes", "on"):
         return True
     if value.lower() in ("0", "false", "no", "off"):
@@ -146,6 +160,8 @@ async def parse_multipart(request: Request, body: bytes) -> tuple[list, dict]:
 
 
 def parse_json(body: bytes) -> tuple[list, dict]:
+    if not body.strip():
+        return [], {"model": None, "invert": None, "resize": False}  # "no image", from prepare()
     try:
         payload = schemas.PredictJSON.model_validate_json(body)
     except ValidationError as err:
@@ -213,8 +229,15 @@ async def service_error(request: Request, err: ServiceError) -> JSONResponse:
 
 async def http_error(request: Request, err: HTTPException) -> JSONResponse:
     """Starlette's own: unknown paths (404), wrong methods (405)."""
-    message = f"no route {request.url.path}" if err.status_code == 404 else str(err.detail)
-    return error_response(err.status_code, message, getattr(err, "headers", None))
+    headers = getattr(err, "headers", None)
+    if err.status_code == 404:
+        message = f"no route {request.url.path}: see /docs for the API"
+    elif err.status_code == 405 and headers and "allow" in {k.lower() for k in headers}:
+        allowed = next(v for k, v in headers.items() if k.lower() == "allow")
+        message = f"{request.method} is not allowed on {request.url.path}; use {allowed}"
+    else:
+        message = str(err.detail)
+    return error_response(err.status_code, message, headers)
 
 
 async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -240,6 +263,7 @@ def install(app: FastAPI, service: Service) -> None:
     app.description = "Digit classification (8x8 digits, 32x32 SVHN) over exported ONNX/TorchScript models."
     app.include_router(router)
     app.include_router(v2.router)
+    app.mount(DOCS_ASSETS, StaticFiles(packages=[("swagger_ui", "static")]), name="docs-assets")
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)

@@ -29,13 +29,13 @@ from pathlib import Path
 
 import litserve as ls
 from fastapi import APIRouter
-from fastapi.routing import APIRoute
+from starlette.routing import Route
 
 from serving import routes
 from serving.config import Config
 from serving.connections import guarded_protocol
 from serving.metrics import RequestMetrics
-from serving.service import Service
+from serving.service import Service, StartupError
 
 log = logging.getLogger("digitserve")
 
@@ -185,6 +185,7 @@ def server_socket(fd: int, port: int) -> bool:
 
 def build(config: Config) -> tuple[ls.LitServer, Service, HttpProcesses]:
     """The LitServer with the digitserve routes; raises service.StartupError."""
+    check_can_listen(config.host, config.port)
     service = Service(config)
     processes = HttpProcesses(config.workers)
     server = ls.LitServer(
@@ -200,16 +201,32 @@ def build(config: Config) -> tuple[ls.LitServer, Service, HttpProcesses]:
     return server, service, processes
 
 
+def check_can_listen(host: str, port: int) -> None:
+    """A busy port, said before anything is loaded (LitServe binds it only after forking its processes)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise StartupError(f"cannot listen on {host}:{port}: {err.strerror} (is another server there? choose "
+                               "another --port)") from None
+
+
 def litserve_workarounds(server: ls.LitServer) -> None:
     """What LitServe 0.2.19 has no parameter for.
 
     - It always registers `GET /` ("litserve running") and `POST API_PATH` (its queue path to the
       worker); digitserve serves its page at / and /predict itself, so both routes go.
+    - Its FastAPI app keeps FastAPI's /docs and /redoc, which load their scripts from a CDN (blank
+      offline); digitserve serves /docs from local files, so these go too.
     - The drain time after SIGTERM is an attribute, not a constructor parameter.
     """
-    theirs = {("/", frozenset({"GET"})), (API_PATH, frozenset({"POST"}))}
+    page = frozenset({"GET", "HEAD"})
+    theirs = {("/", frozenset({"GET"})), (API_PATH, frozenset({"POST"})), ("/docs", page),
+              ("/docs/oauth2-redirect", page), ("/redoc", page)}
     found = [route for route in server.app.router.routes
-             if isinstance(route, APIRoute) and (route.path, frozenset(route.methods)) in theirs]
+             if isinstance(route, Route) and (route.path, frozenset(route.methods)) in theirs]
     if len(found) != len(theirs) or not hasattr(server, "uvicorn_graceful_timeout"):
         raise RuntimeError(f"litserve {ls.__version__} differs from {LITSERVE_CHECKED}, which serving/server.py "
                            f"was written against: check litserve_workarounds()")

@@ -170,9 +170,11 @@ class Service:
             self.in_progress -= 1
             self.metrics.in_flight.dec()
 
-    async def prepare(self, inputs: list[tuple[str, str, object]], model: str | None, invert: bool,
+    async def prepare(self, inputs: list[tuple[str, str, object]], model: str | None, invert: bool | None,
                       resize: bool) -> list[tuple[str, np.ndarray]]:
         """Every input of one request -> (model name, model-ready array).
+
+        `invert`: the image is dark ink on light (None: resize=true detects it, exact sizes take it as no).
 
         Headers are read here (cheap) and the request's pixels counted before anything is decoded.
         Small requests are decoded on the event loop (a thread hand-off would cost more than the
@@ -198,15 +200,18 @@ class Service:
         return [self.prepare_image(value, model, invert, resize) if kind == "bytes" else
                 self.prepare_pixels(value, model, invert) for kind, value in opened]
 
-    def prepare_image(self, image, model: str | None, invert: bool, resize: bool) -> tuple[str, np.ndarray]:
+    def prepare_image(self, image, model: str | None, invert: bool | None, resize: bool) -> tuple[str, np.ndarray]:
         entry = self.model(model) if model is not None else self.route_by_size(image, resize)
         spec = entry.manifest["input"]
         pixels = images.to_gray_or_rgb(images.decode(image), spec["color"])
-        pixels = images.fit_size(pixels, images.spec_size(spec), resize, self.accepted_sizes)
-        return entry.name, images.model_input(pixels, spec, invert)
+        if pixels.shape[:2] == images.spec_size(spec):
+            return entry.name, images.model_input(pixels, spec, bool(invert))
+        if not resize:
+            raise images.size_error(pixels.shape[1], pixels.shape[0], self.accepted_sizes)
+        return entry.name, images.fitted_input(pixels, spec, invert)
 
-    def prepare_pixels(self, value, model: str | None, invert: bool) -> tuple[str, np.ndarray]:
-        task, array = images.pixels_array(value, self.task_specs, invert)
+    def prepare_pixels(self, value, model: str | None, invert: bool | None) -> tuple[str, np.ndarray]:
+        task, array = images.pixels_array(value, self.task_specs, bool(invert))
         entry = self.model(model) if model else self.default_model(task)
         if entry.manifest["task"] != task:
             raise InputError(f"model {entry.name!r} takes {entry.manifest['task']} inputs, not {task}", 422)

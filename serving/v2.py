@@ -5,7 +5,7 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
 from serving import images, registry, schemas
-from serving.errors import InputError, ModelNotFound
+from serving.errors import InputError
 from serving.http_helpers import AUTH, error_response, read_body, service_of
 from serving.service import MAX_IMAGES_PER_REQUEST
 
@@ -18,10 +18,8 @@ router = APIRouter(prefix="/v2", tags=["v2"])
 
 
 def served(request: Request, name: str) -> registry.ModelEntry:
-    entry = service_of(request).entries.get(name)
-    if entry is None or not entry.available:
-        raise ModelNotFound(f"model {name!r} is not served")
-    return entry
+    """The model, or 404 naming the served ones, or 503 saying why it is unavailable."""
+    return service_of(request).model(name)
 
 
 @router.get("", summary="Server metadata")

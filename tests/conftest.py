@@ -14,11 +14,12 @@ reproducible.pin_before_torch()
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 240, env: dict | None = None,
+            umask: int = -1) -> subprocess.CompletedProcess:
     """Run `python -m <args>` from the checkout as a user would, capturing output."""
     env = {**(os.environ if env is None else env), "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, umask=umask)
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ def in_process(exports: Path, **settings) -> TestClient:
     """The digitserve app in this process, without LitServe (which forks processes): the same
     routes, service and metrics middleware. Use as a context manager (it runs the lifespan)."""
     service = Service(Config(exports=exports, **settings))
-    app = FastAPI()
+    app = FastAPI(docs_url=None, redoc_url=None)  # as in serving/server.py: /docs is digitserve's own
     app.add_middleware(RequestMetrics, metrics=service.metrics)
     routes.install(app, service)
     return TestClient(app, raise_server_exceptions=False)

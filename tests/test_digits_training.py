@@ -1,3 +1,4 @@
+import argparse
 import json
 
 import numpy as np
@@ -5,6 +6,7 @@ import pytest
 import torch
 
 from training import digits, models
+from training.__main__ import build_parser
 from training.loop import EarlyStopping, Recipe, evaluate, fit
 from training.train import train_digits
 from training.runs import atomic_folder
@@ -117,12 +119,24 @@ def test_cli_all_writes_comparison_table(cli, tmp_path):
     (["--arch", "mlp", "--patience", "-3"], "must be positive"),
     (["--arch", "mlp", "--device", "tpu"], "unknown device"),
     ([], "choose --arch"),
+    (["--arch", "cnn", "--epochs", "5"], "--epochs (did you mean --max-epochs?)"),
 ])
 def test_cli_bad_input_one_line_and_nothing_written(cli, tmp_path, args, message):
     result = cli("training", "digits", *args, "--out", str(tmp_path / "runs"))
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_cli_help_describes_every_flag_with_its_default(cli):
+    parser = build_parser()
+    (commands,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    for name, command in commands.choices.items():
+        undescribed = [action.dest for action in command._actions if not action.help]
+        assert undescribed == [], f"{name}: {undescribed}"
+    result = cli("training", "digits", "--help")
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert result.returncode == 0 and "(default: 1000)" in text and "(default: runs)" in text
 
 
 def test_cli_unwritable_output(cli, tmp_path):

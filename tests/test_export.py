@@ -113,6 +113,19 @@ def test_failed_export_leaves_previous_export_intact(tiny_run, tmp_path, monkeyp
     assert sorted(p.name for p in exports_dir.iterdir()) == ["digits-cnn"]
 
 
+@pytest.mark.parametrize("umask, others_read", [(0o022, True), (0o077, False)])
+def test_fresh_exports_are_readable_by_other_users_unless_the_umask_says_not(cli, tiny_run, tmp_path, umask,
+                                                                             others_read):
+    """A container's user (UID 10001) reads exports that the host's user has just written."""
+    result = cli("training", "export", str(tiny_run), "--to", str(tmp_path / "exports"), umask=umask)
+    assert result.returncode == 0, result.stderr
+    written = [tmp_path / "exports", *(tmp_path / "exports").rglob("*")]
+    assert len(written) > 5
+    for path in written:
+        needed = 0o005 if path.is_dir() else 0o004  # read (and enter, for folders)
+        assert (path.stat().st_mode & needed == needed) == others_read, (oct(path.stat().st_mode), path)
+
+
 def test_export_cli_round_trip_and_bad_run_folders(cli, tiny_run, tmp_path):
     result = cli("training", "export", str(tiny_run), "--to", str(tmp_path / "exports"), "--name", "my-cnn")
     assert result.returncode == 0, result.stderr

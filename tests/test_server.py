@@ -61,6 +61,10 @@ def test_our_routes_replace_the_litserve_ones_it_has_no_parameter_for(exports):
     paths = client.get("/openapi.json").json()["paths"]
     assert paths["/predict"]["post"]["summary"].startswith("Classify")  # ours, not LitServe's queue path
     assert {"/health", "/ready", "/litserve/health", "/litserve/info"} <= set(paths)
+    docs = client.get("/docs").text  # ours, from local files; FastAPI's loads Swagger UI from a CDN
+    assert "/docs/assets/swagger-ui-bundle.js" in docs and "cdn" not in docs
+    assert client.get("/docs/assets/swagger-ui-bundle.js").status_code == 200
+    assert client.get("/redoc").status_code == 404
     assert litserver.uvicorn_graceful_timeout == digitserve_server.GRACEFUL_SHUTDOWN_SECONDS
     with pytest.raises(RuntimeError, match="check litserve_workarounds"):
         digitserve_server.litserve_workarounds(litserver)  # the routes it removes are gone: it says so loudly
@@ -210,6 +214,17 @@ def test_bad_settings_are_one_line_before_anything_starts(cli, tmp_path, args, e
     result = cli("serving", *exports, *args, env={**os.environ, **env}, cwd=tmp_path, timeout=60)
     assert result.returncode == status, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_busy_port_is_one_line_before_anything_is_announced(exports, cli):
+    with socket.socket() as other_server:
+        other_server.bind(("127.0.0.1", 0))
+        other_server.listen()
+        port = other_server.getsockname()[1]
+        result = cli("serving", "--exports", str(exports), "--port", str(port), timeout=60)
+    assert result.returncode == 1 and "at http://" not in result.stderr, result.stderr  # no "serving ... at"
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_no_usable_model_refuses_to_start(tmp_path, cli):

@@ -15,6 +15,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 import export_contract as contract
+from serving import images as image_preprocessing
 from serving_helpers import build_svhn_export, copy_committed, in_process, png, synthetic_svhn
 from training import digits
 
@@ -140,18 +141,84 @@ def test_predict_json_base64_and_pixels_with_explicit_model(client, test_digits)
     assert predictions[0]["version"] == version
 
 
-def test_invert_and_resize(client, test_digits):
+def test_invert_and_exact_sizes(client, test_digits):
     images, labels = test_digits
     light = 255 - np.round(images[10] * 255 / 16).astype(np.uint8)  # dark ink on white paper
     normal = client.post("/predict", files={"file": ("d.png", digit_png(images[10]))}).json()["predictions"][0]
     inverted = client.post("/predict?invert=true", files={"file": ("d.png", png(light, "L"))}).json()["predictions"][0]
     assert inverted["label"] == normal["label"]
     assert np.allclose(inverted["probabilities"], normal["probabilities"], atol=1e-5)
+    assert np.allclose(normal["model_input"], images[10], atol=0.04)  # what the model saw: the digit (8-bit PNG)
     big = np.asarray(Image.fromarray(np.round(images[10] * 255 / 16).astype(np.uint8)).resize((64, 64), Image.NEAREST))
     refused = client.post("/predict", files={"file": ("big.png", png(big, "L"))})
     assert refused.status_code == 422 and "8x8" in refused.json()["error"] and "32x32" in refused.json()["error"]
-    resized = client.post("/predict", params={"resize": "true"}, files={"file": ("big.png", png(big, "L"))})
-    assert resized.status_code == 200 and resized.json()["predictions"][0]["model"] == "digits-cnn"
+
+
+# --- resize=true: photos and drawings turned into what the models were trained on ---
+
+def on_paper(digit: np.ndarray, scale: int, top: int, left: int, size=(300, 260), dark_ink=True) -> np.ndarray:
+    """An 8x8 digit drawn `scale` times larger at (top, left) on a large sheet, as a scan would show it."""
+    ink = np.kron(digit / 16, np.ones((scale, scale)))
+    sheet = np.zeros(size)
+    sheet[top:top + ink.shape[0], left:left + ink.shape[1]] = ink
+    values = 235 - 200 * sheet if dark_ink else 20 + 200 * sheet
+    return np.round(values).astype(np.uint8)
+
+
+def test_resize_recovers_the_dataset_digit_from_an_enlarged_scan(exports, test_digits):
+    """The preprocessing inverts the dataset's own: test digits enlarged and placed anywhere on a
+    large sheet classify as the 8x8 originals do (the former whole-image shrink got ~10 % right)."""
+    images, _ = test_digits
+    rng = np.random.default_rng(0)
+    fitted = np.stack([image_preprocessing.digit_bitmap_counts(
+        on_paper(digit, int(rng.integers(12, 25)), int(rng.integers(0, 100)), int(rng.integers(0, 60))), None)
+        for digit in images[:100]])
+    assert np.abs(fitted - images[:100]).mean() < 2.0  # counts on 0..16
+    exact, recovered = (offline(exports, "digits-cnn", x[:, None].astype(np.float32)).argmax(1)
+                        for x in (images[:100], fitted))
+    assert (exact == recovered).mean() >= 0.95
+
+
+def test_resize_detects_the_ink_polarity_and_ignores_position_and_scale(test_digits):
+    images, _ = test_digits
+    reference = image_preprocessing.digit_bitmap_counts(on_paper(images[5], 20, 10, 10), None)
+    moved = image_preprocessing.digit_bitmap_counts(on_paper(images[5], 20, 130, 90), None)
+    assert np.array_equal(moved, reference)
+    # counts on 0..16: within 8-bit rounding (polarity), and resampling (a sheet over WORK_SIDE)
+    for sheet, tolerance in ((on_paper(images[5], 20, 10, 10, dark_ink=False), 0.25),
+                             (on_paper(images[5], 20, 60, 40, size=(500, 700)), 0.5)):
+        assert np.abs(image_preprocessing.digit_bitmap_counts(sheet, None) - reference).max() < tolerance
+    told = image_preprocessing.digit_bitmap_counts(on_paper(images[5], 20, 10, 10), True)
+    assert np.array_equal(told, reference)
+
+
+def test_resize_through_the_api_shows_what_the_model_saw(client, test_digits):
+    images, labels = test_digits
+    sheet = on_paper(images[30], 18, 40, 50)
+    answer = client.post("/predict", params={"resize": "true"}, files={"file": ("scan.png", png(sheet, "L"))})
+    assert answer.status_code == 200
+    prediction = answer.json()["predictions"][0]
+    assert prediction["model"] == "digits-cnn" and prediction["label"] == labels[30]
+    again = client.post("/predict", json={"pixels": [prediction["model_input"]]}).json()["predictions"][0]
+    assert again["label"] == prediction["label"]
+    assert np.allclose(again["probabilities"], prediction["probabilities"], atol=1e-4)
+
+
+@pytest.mark.parametrize("pixels", [np.full((120, 90), 200, np.uint8), np.full((120, 90), 200, np.uint8) + 
+                                    np.random.default_rng(0).integers(0, 8, (120, 90), dtype=np.uint8)])
+def test_resize_of_a_blank_image_says_no_digit_was_found(client, pixels):
+    answer = client.post("/predict", params={"resize": "true"}, files={"file": ("blank.png", png(pixels, "L"))})
+    assert answer.status_code == 422 and "no digit found" in answer.json()["error"]
+
+
+def test_resize_of_a_colour_photo_cuts_the_centre_square_for_svhn(client):
+    photo = np.zeros((64, 96, 3), np.uint8)
+    photo[:, :16] = photo[:, -16:] = (0, 0, 255)  # blue beyond the centre square
+    photo[:, 16:-16] = (255, 0, 0)
+    answer = client.post("/predict", params={"resize": "true"}, files={"file": ("p.png", png(photo, "RGB"))})
+    prediction = answer.json()["predictions"][0]
+    assert prediction["model"] == "svhn-tiny"
+    assert np.array_equal(np.unique(np.reshape(prediction["model_input"], (-1, 3)), axis=0), [[255, 0, 0]])
 
 
 @pytest.mark.parametrize("kind", ["palette", "rgba", "16bit", "cmyk_jpeg", "gif", "webp", "bmp", "exif_rotated"])

@@ -10,6 +10,7 @@ The arguments are parsed before torch is imported: --help and argument errors an
 reproducible mode can pin the CPU kernels before torch reads them (training/reproducible.py).
 """
 import argparse
+import difflib
 import re
 import sys
 from pathlib import Path
@@ -38,10 +39,31 @@ def device_name(text: str) -> str:
     return text
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and every flag's default (where there is one)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse that reports bad input as one line (no usage dump) with exit status 2."""
+    """argparse that reports bad input as one line (no usage dump) with exit status 2, and names the
+    flag that a misspelt one probably meant (--epochs: --max-epochs)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
+        if message.startswith("unrecognized arguments:"):
+            known = set(self._option_string_actions)
+            for action in self._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    known.update(o for sub in action.choices.values() for o in sub._option_string_actions)
+            hints = [f"{flag} (did you mean {close[0]}?)" for flag in message.split(":", 1)[1].split()
+                     if flag.startswith("--") and (close := difflib.get_close_matches(flag, known, n=1, cutoff=0.6))]
+            if hints:
+                message += "; " + ", ".join(hints)
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -53,14 +75,14 @@ def add_reproducible_flag(parser: argparse.ArgumentParser, default: bool | None)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="python -m training", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m training", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = commands.add_parser("digits", help="train on scikit-learn's 8x8 digits (original fixed split)")
     p.add_argument("--arch", choices=list(DIGITS_ARCHS), help="architecture to train")
     p.add_argument("--all", action="store_true", help="train every arch plus a k-NN baseline; write a comparison table")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-epochs", type=positive_int, default=1000)
+    p.add_argument("--seed", type=int, default=0, help="seeds the initialisation and the batch order")
+    p.add_argument("--max-epochs", type=positive_int, default=1000, help="a cap: early stopping ends runs long before")
     p.add_argument("--patience", type=positive_int, default=20, help="epochs without val NLL improvement before stopping")
     p.add_argument("--device", type=device_name, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder that receives one folder per run")
@@ -72,26 +94,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="fetch the official files via torchvision (MD5-checked)")
     p.add_argument("--skip-md5", action="store_true", help="accept files that are not the official ones (synthetic data)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="stratified share of train held out (>= 0.1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-epochs", type=positive_int, default=40)
-    p.add_argument("--patience", type=positive_int, default=5)
+    p.add_argument("--seed", type=int, default=0, help="seeds the split, the initialisation and the batch order")
+    p.add_argument("--max-epochs", type=positive_int, default=40, help="a cap: early stopping may end the run before")
+    p.add_argument("--patience", type=positive_int, default=5, help="epochs without val NLL improvement before stopping")
     p.add_argument("--device", type=device_name, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--width", type=positive_int, default=64, help="channels of the first group; the others get 4x")
     p.add_argument("--batch-size", type=positive_int, help="global batch size (default from the recipe: 512)")
     p.add_argument("--lr", type=float, help="peak learning rate (default from the recipe: 2e-3)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward pass")
-    p.add_argument("--out", type=Path, default=Path("runs"))
+    p.add_argument("--out", type=Path, default=Path("runs"), help="folder that receives one folder per run")
     p.add_argument("--export-to", type=Path, help="also publish the export here (e.g. exports/)")
     add_reproducible_flag(p, default=False)
 
     p = commands.add_parser("svhn-synth", help="write synthetic house-number crops in the official .mat layout")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--train", type=positive_int, default=5000)
-    p.add_argument("--test", type=positive_int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="folder for train_32x32.mat and test_32x32.mat")
+    p.add_argument("--train", type=positive_int, default=5000, help="crops in the train split")
+    p.add_argument("--test", type=positive_int, default=2000, help="crops in the test split")
+    p.add_argument("--seed", type=int, default=0, help="the same seed writes the same files")
 
     p = commands.add_parser("export", help="export a run's best checkpoint to TorchScript + ONNX with a manifest")
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder that python -m training wrote (runs/...)")
     p.add_argument("--name", help="export name (default TASK-ARCH, e.g. digits-cnn)")
     p.add_argument("--to", type=Path, default=Path("exports"), help="exports folder the server loads")
     return parser

@@ -23,7 +23,7 @@ class EpochProgress:
         if not self.enabled:
             return
         now = time.monotonic()
-        self.line = (f"{self.desc}: epoch {epoch + 1}/{self.max_epochs}, val NLL {val_nll:.4f}, val error "
+        self.line = (f"{self.desc}: epoch {epoch + 1} (at most {self.max_epochs}), val NLL {val_nll:.4f}, val error "
                      f"{val_error:.4f}, best {best_nll:.4f} at epoch {best_epoch + 1}, patience left {patience_left}, "
                      f"{now - self.started:.0f} s")
         if self.live:

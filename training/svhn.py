@@ -41,7 +41,9 @@ def load_split(data_dir: Path, split: str, verify_md5: bool = True) -> Arrays:
     if not path.is_file():
         raise DataError(f"{path} is missing: {hint}")
     if verify_md5 and md5(path) != expected_md5:
-        raise DataError(f"{path} is corrupt (MD5 differs from the official {expected_md5}): {hint}")
+        raise DataError(f"{path} is not the official file (MD5 differs from {expected_md5}): pass --skip-md5 for "
+                        f"your own or synthetic files (python -m training svhn-synth), or --download to fetch the "
+                        f"official ones")
     import scipy.io
     try:
         mat = scipy.io.loadmat(path)  # MATLAB v5 parser: no pickle involved
