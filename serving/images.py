@@ -149,7 +149,8 @@ def digit_bitmap_counts(gray: np.ndarray, ink_dark: bool | None) -> np.ndarray:
     `ink_dark`: dark ink on a light background; None detects it from the border (the background)."""
     image = Image.fromarray(gray, "L")
     if max(image.size) > WORK_SIDE:
-        image = ImageOps.contain(image, (WORK_SIDE, WORK_SIDE), Image.Resampling.BOX)
+        scale = WORK_SIDE / max(image.size)  # a side never below 1 px (an 8192 x 8 upload exists)
+        image = image.resize(tuple(max(1, round(side * scale)) for side in image.size), Image.Resampling.BOX)
     if min(image.size) >= 64:
         image = image.filter(ImageFilter.MedianFilter(3))  # salt noise and JPEG ringing, not strokes
     values = np.asarray(image, dtype=np.float32) / 255

@@ -64,6 +64,18 @@ def test_hostile_uploads_are_client_errors(client, data, status, message):
     assert message in response.json()["error"]
 
 
+@pytest.mark.parametrize("size", [(8192, 8), (8, 4096), (1, 1), (4096, 1)])
+def test_resize_of_extreme_shapes_is_an_answer_or_no_digit(client, size):
+    """resize=true shrank an 8192 x 8 image to 512 x 0 and answered 500 (found by hypothesis)."""
+    stripes = (np.indices(size[::-1]).sum(axis=0) % 7 == 0).astype(np.uint8) * 255
+    for pixels in (stripes, np.zeros_like(stripes)):
+        response = client.post("/predict", params={"resize": "true"},
+                               files={"file": ("x.png", saved(Image.fromarray(pixels, "L"), "PNG"))})
+        assert response.status_code in (200, 422), response.text
+        if response.status_code == 422:
+            assert "no digit found" in response.json()["error"]
+
+
 def test_numbers_beyond_float_range_are_client_errors(client):
     huge = "1" + "0" * 400  # valid JSON; float64 cannot hold it
     body = '{"pixels": [[' + ",".join(["[" + ",".join([huge] * 8) + "]"] * 8) + "]]}"

@@ -103,7 +103,7 @@ def test_progress_in_a_log_is_plain_throttled_lines():
     assert "\r" not in log.getvalue()
     # Nothing within the interval but the last epoch, which always closes the log.
     assert log.getvalue().splitlines() == [
-        "digits cnn: epoch 300/1000, val NLL 0.0033, val error 0.1000, best 0.0033 at epoch 300, patience left 20, 0 s"]
+        "digits cnn: epoch 300 (at most 1000), val NLL 0.0033, val error 0.1000, best 0.0033 at epoch 300, patience left 20, 0 s"]
     every_epoch = io.StringIO()
     feed(EpochProgress("digits cnn", 1000, stream=every_epoch, every=0), epochs=5)
     assert len(every_epoch.getvalue().splitlines()) == 5

@@ -381,7 +381,9 @@ def test_health_answers_while_the_largest_uploads_are_decoded(exports):
     (the largest a request may carry) do not stall /health. Before, two such requests froze it for 22 s."""
     from PIL import Image
     buffer = io.BytesIO()
-    Image.new("I;16", (4096, 4096)).save(buffer, format="PNG")
+    digit = np.zeros((4096, 4096), np.uint16)
+    digit[800:3300, 1800:2300] = 65535  # a "1": resize=true finds it (a blank image is 422, no digit)
+    Image.fromarray(digit).save(buffer, format="PNG")
     bomb = buffer.getvalue()
     server = ServerProcess(exports, args=("--workers", "1"))
     try:
