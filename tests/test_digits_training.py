@@ -113,6 +113,27 @@ def test_cli_all_writes_comparison_table(cli, tmp_path):
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 4
 
 
+class AtChance(torch.nn.Module):
+    """Uniform log-probabilities whatever it is shown (a model that has not found the digit yet);
+    its NLL still drifts a little, with a parameter the optimizer moves."""
+
+    def __init__(self):
+        super().__init__()
+        self.drift = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return torch.log_softmax(torch.zeros(len(x), 10) + self.drift * torch.arange(10.0), dim=1)
+
+
+def test_epochs_at_chance_use_no_patience_and_no_lr_decay():
+    x, y = torch.zeros(64, 1, 8, 8), torch.arange(64) % 10
+    recipe = Recipe(optimizer="adamw", lr=1e-2, weight_decay=0.0, batch_size=16, lr_decay_patience=1)
+    model = AtChance()
+    history = fit(model, x, y, x, y, recipe, max_epochs=6, patience=1, progress=False)
+    assert history.epochs_run == 6  # patience 1 would have stopped it at epoch 2 or 3
+    assert all(error >= 0.85 for error in history.val_error)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--arch", "resnet"], "invalid choice: 'resnet'"),
     (["--arch", "mlp", "--max-epochs", "0"], "must be positive"),

@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=positive_int, default=5, help="epochs without val NLL improvement before stopping")
     p.add_argument("--device", type=device_name, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--width", type=positive_int, default=64, help="channels of the first group; the others get 4x")
-    p.add_argument("--batch-size", type=positive_int, help="global batch size (default from the recipe: 512)")
+    p.add_argument("--batch-size", type=positive_int, help="global batch size (default: the recipe's 512, less on sets under "
+                   "16,384 training images so that an epoch is at least 32 steps)")
     p.add_argument("--lr", type=float, help="peak learning rate (default from the recipe: 2e-3)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward pass")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder that receives one folder per run")

@@ -17,6 +17,8 @@ from training import augment
 from training.progress import EpochProgress
 from training.recipes import Recipe
 
+AT_CHANCE = 0.85  # validation error at or above this, with 10 classes (chance: 0.9), is "not started"
+
 
 @dataclass
 class Metrics:
@@ -49,13 +51,14 @@ class EarlyStopping:
         self.best_state: dict | None = None
         self.epochs_without_improvement = 0
 
-    def update(self, epoch: int, val_nll: float, model: torch.nn.Module) -> bool:
-        """Record one epoch's validation NLL; True when training should stop."""
+    def update(self, epoch: int, val_nll: float, model: torch.nn.Module, counts: bool = True) -> bool:
+        """Record one epoch's validation NLL; True when training should stop. An epoch that does not
+        `count` (still at chance) is kept if it is the best so far but never uses up patience."""
         if val_nll < self.best_nll:
             self.best_nll, self.best_epoch = val_nll, epoch
             self.best_state = copy.deepcopy(model.state_dict())
             self.epochs_without_improvement = 0
-        else:
+        elif counts:
             self.epochs_without_improvement += 1
         return self.epochs_without_improvement >= self.patience
 
@@ -180,9 +183,12 @@ def fit(model: torch.nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
         val_nll, val_error = figures.tolist()
         history.val_nll.append(val_nll)
         history.val_error.append(val_error)
-        if scheduler is not None:
+        # At chance the model has not found the digit yet: a flat NLL there says "not started", not
+        # "converged", so neither the lr decay nor the patience counts such epochs.
+        started_learning = val_error < AT_CHANCE
+        if scheduler is not None and started_learning:
             scheduler.step(val_nll)
-        stop = stopper.update(epoch, val_nll, evaluated)
+        stop = stopper.update(epoch, val_nll, evaluated, counts=started_learning)
         bar.update(epoch, val_nll, val_error, stopper.best_epoch, stopper.best_nll, stopper.patience_left)
         if stop:
             break

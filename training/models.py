@@ -68,11 +68,22 @@ def conv_group(c_in: int, c_out: int) -> list[nn.Module]:
             nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
 
 
-def svhn_cnn(widths=(64, 256, 256), mean=(111.6, 113.2, 120.6), std=(50.5, 51.3, 50.2)) -> nn.Module:
-    """~2.0M parameters at the default widths: stem conv, three conv groups (32 -> 16 -> 8 -> 4),
-    global max pool, linear. `mean`/`std`: the SVHN training split's per-channel statistics on 0..255."""
+class Standardize(nn.Module):
+    """Each image to zero mean and unit variance over its pixels. House-number photos vary in
+    brightness, colour and contrast far more than in content; with dataset-wide constants instead,
+    the CNN sat at chance for its first ~100 steps on synthetic crops."""
+
+    def forward(self, x):
+        x = x.float()
+        return (x - x.mean(dim=(1, 2, 3), keepdim=True)) / (x.std(dim=(1, 2, 3), keepdim=True) + 1.0)
+
+
+def svhn_cnn(widths=(64, 256, 256)) -> nn.Module:
+    """~2.1M parameters at the default widths: per-image standardisation, stem conv, three conv
+    groups (32 -> 16 -> 8 -> 4), 2x2 average pool, linear. The head keeps where features are (a
+    global pool would not): the labelled digit is the centred one, its neighbours are cut by the edges."""
     return nn.Sequential(
-        Scale(mean, std),
+        Standardize(),
         nn.Conv2d(3, widths[0] // 2, 3, padding=1, bias=False), nn.BatchNorm2d(widths[0] // 2), nn.GELU(),
         *conv_group(widths[0] // 2, widths[0]), *conv_group(widths[0], widths[1]), *conv_group(widths[1], widths[2]),
-        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(widths[2], NUM_CLASSES), nn.LogSoftmax(dim=1))
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * widths[2], NUM_CLASSES), nn.LogSoftmax(dim=1))
