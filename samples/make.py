@@ -1,5 +1,6 @@
 """Writes the sample images the README's examples send (run from the repository root, with the
-training dependencies: `.venv/bin/python samples/make.py`). The same files on every run.
+training dependencies: `.venv/bin/python samples/make.py`). The same files on every run with the
+same Pillow (its zlib and libjpeg).
 
 - digit-8x8-<label>.png: digits of the test split, exactly as the 8x8 model takes them (ink bright
   on dark, 0..16 scaled to 0..255);

@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         from serving import server
         from serving.service import StartupError
         try:
+            server.check_can_listen(config.host, config.port)
             litserver, service, processes = server.build(config)
         except StartupError as err:
             print(f"{PROG}: error: {err}", file=sys.stderr)

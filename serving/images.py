@@ -21,6 +21,7 @@ Image.MAX_IMAGE_PIXELS = MAX_DECLARED_PIXELS  # Pillow's own guard, as a second 
 # The formats the service documents; Pillow would otherwise try a dozen more decoders (TIFF, ICO,
 # PCX, SGI, ...), each one more parser for an attacker to reach.
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
+GREY_SPREAD = 12  # mean channel spread (0..255) below which an RGB image is taken as grey
 
 
 def spec_size(spec: dict) -> tuple[int, int]:
@@ -56,6 +57,17 @@ def decode(image: Image.Image) -> Image.Image:
         return ImageOps.exif_transpose(image)
     except Exception as err:  # decoders raise OSError, ValueError, SyntaxError, EOFError, struct.error, ...
         raise InputError(f"truncated or corrupt image: {one_line(err)}", 400) from None
+
+
+def looks_grey(image: Image.Image) -> bool:
+    """No colour to speak of (a scan, a drawing, a grey photo saved as RGB): its channels differ by
+    less than GREY_SPREAD on average, judged on a thumbnail."""
+    if image.mode in ("1", "L", "LA", "I", "I;16", "F"):
+        return True
+    thumbnail = image.convert("RGB")
+    thumbnail.thumbnail((64, 64))
+    channels = np.asarray(thumbnail, dtype=np.int16)
+    return float((channels.max(axis=2) - channels.min(axis=2)).mean()) < GREY_SPREAD
 
 
 def one_line(err: Exception) -> str:
@@ -141,23 +153,23 @@ FINE = 128  # the bitmap is drawn 4x finer than the dataset's 32x32, then averag
 PEN = 20  # thinner strokes are thickened to this (at FINE; 5 px of 32): thin ones read as other digits
 WORK_SIDE = 512  # photos are first reduced to this (box filter): noise averages out, the rest is cheap
 MIN_CONTRAST = 0.15  # ink this much darker (or brighter) than the background, on 0..1, or no digit
+MIN_DIGIT_SHARE = 1 / 8  # of the image's shorter side: a smaller mark is a dot, a tap or dust, not a digit
 
 
 def digit_bitmap_counts(gray: np.ndarray, ink_dark: bool | None) -> np.ndarray:
     """A photo or drawing of one digit (8-bit gray, any size) -> the 8x8 block counts on 0..16.
 
-    `ink_dark`: dark ink on a light background; None detects it from the border (the background)."""
+    `ink_dark`: dark ink on a light background; None: the ink is what departs furthest from the
+    border's median (the background), darker or brighter."""
     image = Image.fromarray(gray, "L")
     if max(image.size) > WORK_SIDE:
         scale = WORK_SIDE / max(image.size)  # a side never below 1 px (an 8192 x 8 upload exists)
         image = image.resize(tuple(max(1, round(side * scale)) for side in image.size), Image.Resampling.BOX)
-    if min(image.size) >= 64:
-        image = image.filter(ImageFilter.MedianFilter(3))  # salt noise and JPEG ringing, not strokes
     values = np.asarray(image, dtype=np.float32) / 255
     border = np.concatenate([values[0], values[-1], values[:, 0], values[:, -1]])
     background = float(np.median(border))
     if ink_dark is None:
-        ink_dark = background > 0.5
+        ink_dark = background - values.min() > values.max() - background
     ink = background - values if ink_dark else values - background
     peak = float(ink.max())
     if peak < MIN_CONTRAST:
@@ -169,6 +181,10 @@ def digit_bitmap_counts(gray: np.ndarray, ink_dark: bool | None) -> np.ndarray:
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if rows.size == 0:
         raise InputError("no digit found: only specks differ from the background", 422)
+    extent = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
+    if extent < MIN_DIGIT_SHARE * min(values.shape):
+        raise InputError(f"no digit found: the ink spans {extent / min(values.shape):.0%} of the image; crop the "
+                         "photo to the digit (it should fill most of the picture)", 422)
     bitmap = thickened(centred(ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]))
     block = FINE // SIDE
     return bitmap.reshape(SIDE, block, SIDE, block).mean(axis=(1, 3)) * 16

@@ -13,7 +13,7 @@ import numpy as np
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.staticfiles import StaticFiles
+from importlib.resources import files
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -29,6 +29,8 @@ from serving.service import MAX_IMAGES_PER_REQUEST, Service
 
 PAGE = (Path(__file__).parent / "static" / "index.html").read_text()
 DOCS_ASSETS = "/docs/assets"
+SWAGGER_UI = files("swagger_ui") / "static"  # the swagger-ui-py package's copy of Swagger UI 5
+DOCS_FILES = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css", "favicon-32x32.png": "image/png"}
 
 
 @asynccontextmanager
@@ -80,6 +82,14 @@ async def docs():
                                swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")
 
 
+@router.get(DOCS_ASSETS + "/{name}", include_in_schema=False)
+async def docs_asset(name: str):
+    """The three files the page above loads, and nothing else of the package (its editor bundles)."""
+    if name not in DOCS_FILES:
+        raise HTTPException(404)
+    return FileResponse(SWAGGER_UI / name, media_type=DOCS_FILES[name])
+
+
 # --- prediction ---
 
 PREDICT_BODY = {"requestBody": {"required": True, "content": {
@@ -107,24 +117,31 @@ async def predict(request: Request):
         inputs, options = parse_json(body)
     else:
         raise InputError(f"send multipart/form-data or application/json, not {content_type!r}", 415)
-    query = request.query_params
-    model = options.get("model") or query.get("model") or None
-    invert = options["invert"] if options["invert"] is not None else parse_bool(query.get("invert"), "invert")
-    resize = options["resize"] or parse_bool(query.get("resize"), "resize") or False
+    # One rule for every option: a value in the body wins over the query's; each is checked wherever given.
+    query = {"model": request.query_params.get("model") or None,
+             "invert": parse_bool(request.query_params.get("invert"), "invert"),
+             "resize": parse_bool(request.query_params.get("resize"), "resize")}
+    model, invert, resize = (options[name] if options[name] is not None else query[name]
+                             for name in ("model", "invert", "resize"))
     async with service.admitted():
-        items = await service.prepare(inputs, model, invert, resize)
+        items = await service.prepare(inputs, model, invert, bool(resize))
         request.state.model = items[0][0]
         log_probs, batch_images = await service.infer(items)
-    return {"predictions": [prediction(service, label, name, array, rows, batch_images)
-                            for (label, _, _), (name, array), rows in zip(inputs, items, log_probs)]}
+    return {"predictions": [prediction(service, label, name, rows, batch_images, array if kind == "bytes" else None)
+                            for (label, kind, _), (name, array), rows in zip(inputs, items, log_probs)]}
 
 
-def prediction(service: Service, label: str, name: str, array: np.ndarray, log_probs: np.ndarray,
-               batch_images: int) -> dict:
+def prediction(service: Service, label: str, name: str, log_probs: np.ndarray, batch_images: int,
+               decoded: np.ndarray | None) -> dict:
+    """One input's answer; `decoded`: what the model saw, for uploaded images (a pixels[] entry is
+    what the client sent)."""
     probabilities = np.exp(log_probs.astype(np.float64))
-    return {"input": label, "model": name, "version": service.entries[name].manifest["version"],
-            "label": int(np.argmax(log_probs)), "probabilities": [round(float(p), 6) for p in probabilities],
-            "batch_size": batch_images, "model_input": images.as_pixels(array)}
+    answer = {"input": label, "model": name, "version": service.entries[name].manifest["version"],
+              "label": int(np.argmax(log_probs)), "probabilities": [round(float(p), 6) for p in probabilities],
+              "batch_size": batch_images}
+    if decoded is not None:
+        answer["model_input"] = images.as_pixels(decoded)
+    return answer
 
 
 def parse_bool(value: str | None, name: str) -> bool | None:
@@ -161,7 +178,7 @@ async def parse_multipart(request: Request, body: bytes) -> tuple[list, dict]:
 
 def parse_json(body: bytes) -> tuple[list, dict]:
     if not body.strip():
-        return [], {"model": None, "invert": None, "resize": False}  # "no image", from prepare()
+        return [], {"model": None, "invert": None, "resize": None}  # "no image", from prepare()
     try:
         payload = schemas.PredictJSON.model_validate_json(body)
     except ValidationError as err:
@@ -263,7 +280,6 @@ def install(app: FastAPI, service: Service) -> None:
     app.description = "Digit classification (8x8 digits, 32x32 SVHN) over exported ONNX/TorchScript models."
     app.include_router(router)
     app.include_router(v2.router)
-    app.mount(DOCS_ASSETS, StaticFiles(packages=[("swagger_ui", "static")]), name="docs-assets")
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)

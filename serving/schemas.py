@@ -8,7 +8,7 @@ class PredictJSON(BaseModel):
     model: str | None = Field(None, description="model name; default: routed by image size")
     invert: bool | None = Field(None, description="the image is dark ink on a light background (default: detected "
                                                   "with resize, else false)")
-    resize: bool = Field(False, description="other sizes: find the digit, centre it and downsample it as the "
+    resize: bool | None = Field(None, description="other sizes: find the digit, centre it and downsample it as the "
                                             "training data was (digits); centre-crop a colour photo (SVHN)")
     images: list[str] = Field(default_factory=list, description="base64 (or data-URL) encoded image files")
     pixels: list[Any] = Field(default_factory=list,
@@ -22,8 +22,8 @@ class Prediction(BaseModel):
     label: int
     probabilities: list[float] = Field(description="one per class 0..9")
     batch_size: int = Field(description="images in the inference call this one shared")
-    model_input: list[Any] = Field(description="what the model saw, in the form of a pixels[] entry: 8x8 on 0..16 "
-                                               "or 32x32x3 on 0..255")
+    model_input: list[Any] | None = Field(None, description="uploaded images: what the model saw, in the form of a "
+                                                            "pixels[] entry (8x8 on 0..16 or 32x32x3 on 0..255)")
 
 
 class PredictResponse(BaseModel):

@@ -185,7 +185,6 @@ def server_socket(fd: int, port: int) -> bool:
 
 def build(config: Config) -> tuple[ls.LitServer, Service, HttpProcesses]:
     """The LitServer with the digitserve routes; raises service.StartupError."""
-    check_can_listen(config.host, config.port)
     service = Service(config)
     processes = HttpProcesses(config.workers)
     server = ls.LitServer(

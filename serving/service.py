@@ -201,9 +201,12 @@ class Service:
                 self.prepare_pixels(value, model, invert) for kind, value in opened]
 
     def prepare_image(self, image, model: str | None, invert: bool | None, resize: bool) -> tuple[str, np.ndarray]:
-        entry = self.model(model) if model is not None else self.route_by_size(image, resize)
+        entry = self.model(model) if model is not None else self.route_by_size(image, resize)  # 422 before decoding
+        image = images.decode(image)
+        if model is None and self.grey_photo_for_svhn(entry, image):
+            entry = self.default_model("digits")  # a scan or a drawing saved as RGB (JPEG, a canvas PNG)
         spec = entry.manifest["input"]
-        pixels = images.to_gray_or_rgb(images.decode(image), spec["color"])
+        pixels = images.to_gray_or_rgb(image, spec["color"])
         if pixels.shape[:2] == images.spec_size(spec):
             return entry.name, images.model_input(pixels, spec, bool(invert))
         if not resize:
@@ -222,10 +225,15 @@ class Service:
         for task, spec in self.task_specs.items():
             if images.spec_size(spec) == (height, width):
                 return self.default_model(task)
-        if resize:  # no exact match: colour photos go to SVHN when served, everything else to digits
+        if resize:  # no exact match: colour photos go to SVHN when served, the rest (and grey RGB: prepare_image) to digits
             colour = image.mode not in ("1", "L", "LA", "I", "I;16", "F") and "svhn" in self.defaults
             return self.default_model("svhn" if colour or "digits" not in self.defaults else "digits")
         raise images.size_error(width, height, self.accepted_sizes)
+
+    def grey_photo_for_svhn(self, entry: registry.ModelEntry, image) -> bool:
+        """A resized RGB upload routed to SVHN that has no colour, while digits are served."""
+        return (entry.manifest["task"] == "svhn" and "digits" in self.defaults
+                and images.spec_size(entry.manifest["input"]) != (image.height, image.width) and images.looks_grey(image))
 
     async def infer(self, items: list[tuple[str, np.ndarray]]) -> tuple[list[np.ndarray], int]:
         """Queue one request's arrays; they may share an inference call with other requests'.

@@ -18,7 +18,7 @@ router = APIRouter(prefix="/v2", tags=["v2"])
 
 
 def served(request: Request, name: str) -> registry.ModelEntry:
-    """The model, or 404 naming the served ones, or 503 saying why it is unavailable."""
+    """The model, or 404 naming the known ones, or 503 saying why it is unavailable."""
     return service_of(request).model(name)
 
 

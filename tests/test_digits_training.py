@@ -141,6 +141,7 @@ def test_epochs_at_chance_use_no_patience_and_no_lr_decay():
     (["--arch", "mlp", "--device", "tpu"], "unknown device"),
     ([], "choose --arch"),
     (["--arch", "cnn", "--epochs", "5"], "--epochs (did you mean --max-epochs?)"),
+    (["--arch", "cnn", "--epochs=5"], "--epochs (did you mean --max-epochs?)"),
 ])
 def test_cli_bad_input_one_line_and_nothing_written(cli, tmp_path, args, message):
     result = cli("training", "digits", *args, "--out", str(tmp_path / "runs"))
@@ -158,6 +159,11 @@ def test_cli_help_describes_every_flag_with_its_default(cli):
     result = cli("training", "digits", "--help")
     text = " ".join(result.stdout.split())  # argparse wraps lines
     assert result.returncode == 0 and "(default: 1000)" in text and "(default: runs)" in text
+
+
+def test_cli_suggests_only_the_commands_own_flags(cli):
+    result = cli("training", "digits", "--arch", "cnn", "--width", "16")  # an svhn flag
+    assert result.returncode == 2 and result.stderr.strip().endswith("unrecognized arguments: --width 16")
 
 
 def test_cli_unwritable_output(cli, tmp_path):

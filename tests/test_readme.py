@@ -7,15 +7,17 @@ import subprocess
 
 import pytest
 
-from serving_helpers import ROOT, ServerProcess
+from serving_helpers import ROOT, ServerProcess, copy_committed
 
 README_ADDRESS = "http://127.0.0.1:8000"
 EXAMPLES = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("curl ")]
 
 
 @pytest.fixture(scope="module")
-def server():
-    process = ServerProcess(ROOT / "exports")
+def server(tmp_path_factory):
+    exports = tmp_path_factory.mktemp("exports")  # the committed models, whatever else exports/ holds here
+    copy_committed(exports, "digits-cnn", "digits-mlp")
+    process = ServerProcess(exports)
     try:
         process.wait_ready()
         yield process

@@ -65,6 +65,7 @@ def test_our_routes_replace_the_litserve_ones_it_has_no_parameter_for(exports):
     assert "/docs/assets/swagger-ui-bundle.js" in docs and "cdn" not in docs
     assert client.get("/docs/assets/swagger-ui-bundle.js").status_code == 200
     assert client.get("/redoc").status_code == 404
+    assert client.get("/docs/assets/swagger-editor.js").status_code == 404  # only what /docs loads
     assert litserver.uvicorn_graceful_timeout == digitserve_server.GRACEFUL_SHUTDOWN_SECONDS
     with pytest.raises(RuntimeError, match="check litserve_workarounds"):
         digitserve_server.litserve_workarounds(litserver)  # the routes it removes are gone: it says so loudly
@@ -329,24 +330,31 @@ def test_connections_beyond_the_cap_get_503_and_the_rest_are_served(guarded):
 
 def test_sigterm_under_keep_alive_load_cuts_no_request_off(exports):
     """Clients that reuse their connections, as load balancers do: on SIGTERM every request sent on
-    an accepted connection is answered; afterwards new connections are refused, nothing is reset."""
+    a connection the server had kept alive is answered (the last with `Connection: close`);
+    afterwards new connections are refused. A client that reconnects in the instant the listening
+    socket closes can be reset from the kernel's accept queue (no server can answer those); such
+    resets are counted apart and must stay rare."""
     server = ServerProcess(exports, args=("--workers", "2"))
     server.wait_ready()
     body = {"pixels": [np.zeros((8, 8)).tolist()]}
-    statuses, cut_off, refused = [], [], []
+    statuses, cut_off, refused, at_the_door = [], [], [], []
     signalled = threading.Event()
 
     def client():
         with httpx.Client(base_url=server.url, timeout=10) as c:
+            fresh = True  # the next request opens a new connection
             while server.process.poll() is None:
                 try:
-                    statuses.append(c.post("/predict", json=body).status_code)
+                    response = c.post("/predict", json=body)
+                    statuses.append(response.status_code)
+                    fresh = response.headers.get("connection", "").lower() == "close"
                 except httpx.ConnectError:
                     refused.append(1)  # never accepted: the listening socket is closed
                     if signalled.is_set():
                         return
                 except httpx.TransportError as err:
-                    cut_off.append(repr(err))
+                    (at_the_door if fresh else cut_off).append(repr(err))
+                    fresh = True
     threads = [threading.Thread(target=client) for _ in range(16)]
     try:
         for thread in threads:
@@ -361,6 +369,7 @@ def test_sigterm_under_keep_alive_load_cuts_no_request_off(exports):
         server.stop()
     assert exit_code == 0
     assert not cut_off, cut_off[:3]
+    assert len(at_the_door) <= 4, at_the_door[:3]
     assert len(statuses) > 100 and set(statuses) == {200}
 
 

@@ -156,12 +156,15 @@ def test_invert_and_exact_sizes(client, test_digits):
 
 # --- resize=true: photos and drawings turned into what the models were trained on ---
 
-def on_paper(digit: np.ndarray, scale: int, top: int, left: int, size=(300, 260), dark_ink=True) -> np.ndarray:
-    """An 8x8 digit drawn `scale` times larger at (top, left) on a large sheet, as a scan would show it."""
+def on_paper(digit: np.ndarray, scale: int, top: int, left: int, size=(300, 260), dark_ink=True,
+             paper: int | None = None, contrast: int = 200) -> np.ndarray:
+    """An 8x8 digit drawn `scale` times larger at (top, left) on a large sheet, as a scan would show it:
+    ink `contrast` levels from the paper, darker or brighter."""
     ink = np.kron(digit / 16, np.ones((scale, scale)))
     sheet = np.zeros(size)
     sheet[top:top + ink.shape[0], left:left + ink.shape[1]] = ink
-    values = 235 - 200 * sheet if dark_ink else 20 + 200 * sheet
+    paper = (235 if dark_ink else 20) if paper is None else paper
+    values = paper - contrast * sheet if dark_ink else paper + contrast * sheet
     return np.round(values).astype(np.uint8)
 
 
@@ -202,6 +205,71 @@ def test_resize_through_the_api_shows_what_the_model_saw(client, test_digits):
     again = client.post("/predict", json={"pixels": [prediction["model_input"]]}).json()["predictions"][0]
     assert again["label"] == prediction["label"]
     assert np.allclose(again["probabilities"], prediction["probabilities"], atol=1e-4)
+
+
+def test_resize_finds_dark_ink_on_dim_paper(test_digits):
+    images, _ = test_digits
+    """Paper darker than mid-grey (115 of 255) with black ink used to be read as bright ink: 422."""
+    bright = image_preprocessing.digit_bitmap_counts(on_paper(images[5], 20, 10, 10), None)
+    for dim in (on_paper(images[5], 20, 10, 10, paper=115, contrast=110),  # dark ink
+                on_paper(images[5], 20, 10, 10, paper=140, contrast=110, dark_ink=False)):  # chalk, brighter
+        assert np.abs(image_preprocessing.digit_bitmap_counts(dim, None) - bright).max() < 0.5
+
+
+def test_resize_keeps_one_pixel_strokes(client):
+    """A 1-px pen on a large canvas (a median filter used to erase it: "no digit found")."""
+    sheet = np.full((600, 600), 255, np.uint8)
+    sheet[120:480, 300] = 0  # a "1"
+    answer = client.post("/predict", params={"resize": "true"}, files={"file": ("one.png", png(sheet, "L"))})
+    assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] == 1
+
+
+@pytest.mark.parametrize("mark", [(slice(98, 101), slice(98, 101)), (slice(90, 108), slice(90, 108))])
+def test_resize_of_a_dot_or_a_tap_is_not_a_digit(client, mark):
+    """A dot used to be blown up to fill the bitmap and classified at p = 1.0."""
+    sheet = np.full((200, 200), 255, np.uint8)
+    sheet[mark] = 0
+    answer = client.post("/predict", params={"resize": "true"}, files={"file": ("dot.png", png(sheet, "L"))})
+    assert answer.status_code == 422 and "crop the photo to the digit" in answer.json()["error"]
+
+
+def test_resized_grey_rgb_photos_go_to_digits_colour_ones_to_svhn(client, test_digits):
+    images, labels = test_digits
+    grey = np.repeat(on_paper(images[30], 18, 40, 50)[..., None], 3, axis=2)  # a scan saved as RGB (JPEG, canvas)
+    answer = client.post("/predict", params={"resize": "true"}, files={"file": ("scan.png", png(grey, "RGB"))})
+    assert answer.json()["predictions"][0]["model"] == "digits-cnn"
+    tinted = grey.copy()
+    tinted[..., 0] = 255  # red paper: a colour photo
+    answer = client.post("/predict", params={"resize": "true"}, files={"file": ("red.png", png(tinted, "RGB"))})
+    assert answer.json()["predictions"][0]["model"] == "svhn-tiny"
+
+
+@pytest.mark.parametrize("where", ["form", "json"])
+def test_an_option_in_the_body_wins_over_the_query(client, test_digits, where):
+    images, _ = test_digits
+    big = np.kron(np.round(images[10] * 255 / 16).astype(np.uint8), np.ones((4, 4), np.uint8))  # 32x32, grey
+    params = {"resize": "true", "invert": "bogus-but-checked"}
+    if where == "form":
+        answer = client.post("/predict", params=params, files={"file": ("d.png", png(big, "L"))},
+                             data={"resize": "false"})
+    else:
+        answer = client.post("/predict", params=params, json={"resize": False, "images": [
+            base64.b64encode(png(big, "L")).decode()]})
+    assert answer.status_code == 422 and "invert must be true or false" in answer.json()["error"]
+    del params["invert"]
+    if where == "form":
+        answer = client.post("/predict", params=params, files={"file": ("d.png", png(big, "L"))},
+                             data={"resize": "false"})
+    else:
+        answer = client.post("/predict", params=params, json={"resize": False, "images": [
+            base64.b64encode(png(big, "L")).decode()]})
+    assert answer.status_code == 200 and answer.json()["predictions"][0]["model"] == "svhn-tiny"  # exact 32x32
+
+
+def test_model_input_comes_with_uploads_not_with_pixel_arrays(client, test_digits):
+    images, _ = test_digits
+    answer = client.post("/predict", json={"pixels": [images[0].tolist()]}).json()["predictions"][0]
+    assert answer.get("model_input") is None
 
 
 @pytest.mark.parametrize("pixels", [np.full((120, 90), 200, np.uint8), np.full((120, 90), 200, np.uint8) + 

@@ -60,7 +60,8 @@ def test_upload_shows_the_predicted_digit(tmp_path):
             for point in ring[1:]:
                 page.mouse.move(*point, steps=2)
             page.mouse.up()
-            expect(page.get_by_test_id("digit")).to_have_text("0", timeout=15000)
+            expect(page.locator("#pad")).to_have_attribute("data-pending", "0", timeout=15000)  # the last answer is in
+            expect(page.get_by_test_id("digit")).to_have_text("0")
             expect(page.locator("#preview")).to_have_attribute("width", "224")
             assert float(page.get_by_test_id("view").get_attribute("data-ink")) > 100
 

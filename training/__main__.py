@@ -47,24 +47,26 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports bad input as one line (no usage dump) with exit status 2, and names the
-    flag that a misspelt one probably meant (--epochs: --max-epochs)."""
+    """argparse that reports bad input as one line (no usage dump) with exit status 2."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message):
-        if message.startswith("unrecognized arguments:"):
-            known = set(self._option_string_actions)
-            for action in self._actions:
-                if isinstance(action, argparse._SubParsersAction):
-                    known.update(o for sub in action.choices.values() for o in sub._option_string_actions)
-            hints = [f"{flag} (did you mean {close[0]}?)" for flag in message.split(":", 1)[1].split()
-                     if flag.startswith("--") and (close := difflib.get_close_matches(flag, known, n=1, cutoff=0.6))]
-            if hints:
-                message += "; " + ", ".join(hints)
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def unknown_flags_message(extra: list[str], command: argparse.ArgumentParser) -> str:
+    """argparse's message for arguments no flag takes, with the command's flag that a misspelt one
+    probably meant (--epochs: --max-epochs)."""
+    hints = []
+    for flag in (arg.split("=", 1)[0] for arg in extra if arg.startswith("--")):
+        close = difflib.get_close_matches(flag, [o for o in command._option_string_actions if o != flag], n=1,
+                                          cutoff=0.6)
+        if close:
+            hints.append(f"{flag} (did you mean {close[0]}?)")
+    return f"unrecognized arguments: {' '.join(extra)}" + ("; " + ", ".join(hints) if hints else "")
 
 
 def add_reproducible_flag(parser: argparse.ArgumentParser, default: bool | None) -> None:
@@ -133,7 +135,11 @@ def check_before_torch(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        (commands,) = (action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+        parser.error(unknown_flags_message(extra, commands.choices[args.command]))
     try:
         mode = getattr(args, "reproducible", False)  # True: asked for; None: where the machine allows; False: off
         if mode is not False:
