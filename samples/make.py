@@ -6,7 +6,7 @@ same Pillow (its zlib and libjpeg).
   on dark, 0..16 scaled to 0..255);
 - photo-4.jpg: a "4" written in dark ink on a 240x200 sheet of grey, unevenly lit paper, slightly
   blurred, noisy and JPEG-compressed, as a phone photo would be (send it with resize=true);
-- house-number-32x32-<label>.png: a synthetic SVHN-layout crop (training/svhn.py), for an SVHN model.
+- house-number-32x32-<label>.png: a synthetic SVHN-layout crop (training/synthetic.py), for an SVHN model.
 """
 import io
 from pathlib import Path
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from training import digits, svhn
+from training import digits, synthetic
 
 HERE = Path(__file__).resolve().parent
 TEST_INDICES = (3, 7, 12)  # three different labels from the test split
@@ -36,7 +36,7 @@ def main() -> None:
     Image.fromarray(np.clip(paper, 0, 255).astype(np.uint8), "L").convert("RGB").save(photo, "JPEG", quality=80)
     (HERE / "photo-4.jpg").write_bytes(photo.getvalue())
 
-    crops, labels = svhn.synthetic_crops(1, seed=5)  # X is 32 x 32 x 3 x N; y is 1..10 with 10 for zero
+    crops, labels = synthetic.synthetic_crops(1, seed=5)  # X is 32 x 32 x 3 x N; y is 1..10 with 10 for zero
     label = int(labels[0, 0]) % 10
     Image.fromarray(crops[..., 0], "RGB").save(HERE / f"house-number-32x32-{label}.png", optimize=True)
 

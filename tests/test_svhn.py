@@ -9,7 +9,7 @@ import scipy.io
 import torch
 
 from serving import registry
-from training import svhn
+from training import svhn, synthetic
 from training.augment import cutout, random_translate
 from training.errors import DataError
 
@@ -19,7 +19,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def synth_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("svhn")
-    svhn.write_synthetic(folder, n_train=400, n_test=120, seed=0)
+    synthetic.write_synthetic(folder, n_train=400, n_test=120, seed=0)
     return folder
 
 
@@ -28,6 +28,14 @@ def test_synthetic_files_use_the_official_layout(synth_dir):
     assert mat["X"].dtype == np.uint8 and mat["X"].shape == (32, 32, 3, 400)
     assert mat["y"].shape == (400, 1) and set(np.unique(mat["y"])) <= set(range(1, 11))
     assert 10 in mat["y"] and 0 not in mat["y"]
+
+
+def test_synthetic_crops_do_not_depend_on_the_number_of_processes(monkeypatch):
+    monkeypatch.setattr(synthetic, "CHUNK", 40)  # three chunks of a small set
+    alone, labels_alone = synthetic.synthetic_crops(100, seed=3, jobs=1)
+    shared, labels_shared = synthetic.synthetic_crops(100, seed=3, jobs=2)
+    assert np.array_equal(alone, shared) and np.array_equal(labels_alone, labels_shared)
+    assert len(np.unique(labels_alone)) > 5 and alone.std() > 10  # varied labels, not blank crops
 
 
 def test_loader_maps_10_to_0_and_transposes(synth_dir):

@@ -11,6 +11,7 @@ reproducible mode can pin the CPU kernels before torch reads them (training/repr
 """
 import argparse
 import difflib
+import os
 import re
 import sys
 from pathlib import Path
@@ -114,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=positive_int, default=5000, help="crops in the train split")
     p.add_argument("--test", type=positive_int, default=2000, help="crops in the test split")
     p.add_argument("--seed", type=int, default=0, help="the same seed writes the same files")
+    p.add_argument("--jobs", type=positive_int, default=max(1, len(os.sched_getaffinity(0))),
+                   help="processes drawing the crops (default: this machine's cores); the files do not depend on it")
 
     p = commands.add_parser("export", help="export a run's best checkpoint to TorchScript + ONNX with a manifest")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder that python -m training wrote (runs/...)")

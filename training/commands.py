@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from training import digits, svhn
+from training import digits, svhn, synthetic
 from training.export import export_model, load_run, publish
 from training.recipes import DIGITS_ARCHS
 from training.runs import check_writable
@@ -46,7 +46,7 @@ def svhn_command(args) -> None:
 
 
 def svhn_synth_command(args) -> None:
-    svhn.write_synthetic(args.out, args.train, args.test, args.seed)
+    synthetic.write_synthetic(args.out, args.train, args.test, args.seed, args.jobs)
     print(f"wrote {args.train} + {args.test} synthetic crops to {args.out} (official .mat layout)")
 
 

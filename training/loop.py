@@ -88,6 +88,7 @@ class History:
     best_epoch: int = -1
     epochs_run: int = 0
     train_seconds: float = 0.0
+    epoch_ends: list[float] = field(default_factory=list)  # seconds since the start, validation included
 
 
 def make_optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
@@ -183,6 +184,7 @@ def fit(model: torch.nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
         val_nll, val_error = figures.tolist()
         history.val_nll.append(val_nll)
         history.val_error.append(val_error)
+        history.epoch_ends.append(time.perf_counter() - started)  # .tolist() above waited for the device
         # At chance the model has not found the digit yet: a flat NLL there says "not started", not
         # "converged", so neither the lr decay nor the patience counts such epochs.
         started_learning = val_error < AT_CHANCE

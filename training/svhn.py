@@ -1,5 +1,5 @@
-"""SVHN format 2 (32x32 cropped digits): the official .mat files, a leak-free validation split,
-and a generator of synthetic crops in the exact official layout (SVHN is not reachable here).
+"""SVHN format 2 (32x32 cropped digits): the official .mat files and a leak-free validation split
+(synthetic crops in the same layout: training/synthetic.py).
 
 Official layout: `X` uint8 [32, 32, 3, N], `y` [N, 1] with 10 meaning digit 0. The `extra` split
 is never used.
@@ -99,62 +99,3 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
 
 
 # --- synthetic crops in the official layout ---
-
-def synthetic_crops(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """House-number-like crops: a centred digit in a DejaVu font at random size, colour and slight
-    rotation over a textured, noisy background, partial neighbour digits at the sides, then blur and
-    a contrast change. Returns X uint8 [32, 32, 3, n] and y uint8 [n, 1] with 10 for zero."""
-    from matplotlib import font_manager
-    from PIL import Image, ImageDraw, ImageFilter, ImageFont
-    rng = np.random.default_rng(seed)
-    fonts = [font_manager.findfont(font_manager.FontProperties(family=family, weight=weight))
-             for family in ("DejaVu Sans", "DejaVu Serif", "DejaVu Sans Mono") for weight in ("normal", "bold")]
-    font_cache = {}
-    x = np.empty((32, 32, 3, n), np.uint8)
-    y = rng.integers(0, 10, n)
-    canvas = 64
-    for i in range(n):
-        # background: base colour, a low-frequency texture, pixel noise
-        base = rng.uniform(20, 235, 3)
-        texture = np.asarray(Image.fromarray(rng.uniform(-40, 40, (4, 4, 3)).astype(np.float32).mean(2))
-                             .resize((canvas, canvas), Image.Resampling.BICUBIC))[..., None]
-        background = base + texture + rng.normal(0, 6, (canvas, canvas, 3))
-        # ink: far enough from the background's brightness to be readable, not always by much
-        ink = rng.uniform(0, 255, 3)
-        while abs(ink.mean() - base.mean()) < 60:
-            ink = rng.uniform(0, 255, 3)
-        size = int(rng.integers(30, 50))
-        key = (int(rng.integers(len(fonts))), size)
-        if key not in font_cache:
-            font_cache[key] = ImageFont.truetype(fonts[key[0]], key[1])
-        font = font_cache[key]
-        mask = Image.new("L", (canvas, canvas), 0)
-        draw = ImageDraw.Draw(mask)
-        centre = canvas / 2 + rng.normal(0, 1.5, 2)
-        spacing = size * rng.uniform(0.55, 0.8)
-        for offset, digit in ((-spacing, rng.integers(10)), (0, y[i]), (spacing, rng.integers(10))):
-            if offset and rng.random() < 0.25:
-                continue  # sometimes no neighbour on that side
-            draw.text((centre[0] + offset, centre[1]), str(int(digit)), fill=255, font=font, anchor="mm")
-        mask = mask.rotate(rng.uniform(-12, 12), resample=Image.Resampling.BILINEAR)
-        alpha = np.asarray(mask, np.float32)[..., None] / 255
-        image = background * (1 - alpha) + ink * alpha
-        image = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).resize((32, 32), Image.Resampling.LANCZOS)
-        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.0)))
-        pixels = np.asarray(image, np.float32)
-        pixels = (pixels - pixels.mean()) * rng.uniform(0.5, 1.2) + pixels.mean() + rng.normal(0, 4, pixels.shape)
-        x[..., i] = np.clip(pixels, 0, 255).astype(np.uint8)
-    labels = np.where(y == 0, 10, y).astype(np.uint8).reshape(n, 1)
-    return x, labels
-
-
-def write_synthetic(data_dir: Path, n_train: int, n_test: int, seed: int) -> None:
-    """train_32x32.mat and test_32x32.mat of synthetic crops, in the official layout."""
-    import scipy.io
-    data_dir.mkdir(parents=True, exist_ok=True)
-    for split, n, split_seed in (("train", n_train, seed), ("test", n_test, seed + 1)):
-        x, y = synthetic_crops(n, split_seed)
-        path = data_dir / FILES[split][0]
-        staging = path.with_suffix(".tmp.mat")
-        scipy.io.savemat(staging, {"X": x, "y": y})
-        staging.replace(path)
