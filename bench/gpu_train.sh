@@ -10,7 +10,8 @@
 #   DEVICE=cpu TRAIN=1200 TEST=300 MAX_EPOCHS=2 bench/gpu_train.sh       # the dry run on a CPU machine
 #   WHEELS=.whl bench/gpu_train.sh     # an image without jsonschema: install the wheels carried in
 #
-# Files for bench/RESULTS.md land in $OUT when it is set (the device tool's folder): log, metrics.
+# Files for bench/RESULTS.md land in $OUT when it is set (the device tool's folder): this script's
+# log, each run's whole output (NAME.log) and its metrics.json (metrics-NAME.json).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -47,7 +48,8 @@ train() {  # name, launcher (a command line), extra training flags
   echo "--- $name: $launcher -m training svhn ... $extra"
   # shellcheck disable=SC2086  # the launcher and the flags are word lists
   timeout "$RUN_LIMIT" $launcher -m training svhn --data-dir "$WORK/synth" --skip-md5 --device "$DEVICE" \
-    --max-epochs "$MAX_EPOCHS" --out "$WORK/runs-$name" $extra 2>&1 | grep -v Warning | tail -4
+    --max-epochs "$MAX_EPOCHS" --out "$WORK/runs-$name" $extra > "$RESULTS/$name.log" 2>&1
+  echo "exit status $? (whole output: $name.log)"; grep -v Warning "$RESULTS/$name.log" | tail -4
   run=$(ls -d "$WORK/runs-$name"/*/ 2>/dev/null | head -1)
   if [ -n "$run" ]; then cp "$run/metrics.json" "$RESULTS/metrics-$name.json"; else echo "$name: no run folder"; fi
 }
