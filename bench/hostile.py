@@ -10,13 +10,11 @@ status counts, the slowest answers, and whether every process of the server is s
 """
 import argparse
 import asyncio
-import io
 import json
 import random
 import struct
 import sys
 import time
-import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -26,17 +24,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from serving_helpers import ServerProcess  # noqa: E402
-
-
-def saved(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+from serving_helpers import ServerProcess, png_chunk, saved  # noqa: E402
 
 
 def seeds() -> list[bytes]:

@@ -22,6 +22,7 @@ Image.MAX_IMAGE_PIXELS = MAX_DECLARED_PIXELS  # Pillow's own guard, as a second 
 # PCX, SGI, ...), each one more parser for an attacker to reach.
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
 GREY_SPREAD = 12  # mean channel spread (0..255) below which an RGB image is taken as grey
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # Pillow modes without colour channels
 
 
 def spec_size(spec: dict) -> tuple[int, int]:
@@ -62,7 +63,7 @@ def decode(image: Image.Image) -> Image.Image:
 def looks_grey(image: Image.Image) -> bool:
     """No colour to speak of (a scan, a drawing, a grey photo saved as RGB): its channels differ by
     less than GREY_SPREAD on average, judged on a thumbnail."""
-    if image.mode in ("1", "L", "LA", "I", "I;16", "F"):
+    if image.mode in GREY_MODES:
         return True
     thumbnail = image.convert("RGB")
     thumbnail.thumbnail((64, 64))

@@ -226,7 +226,7 @@ class Service:
             if images.spec_size(spec) == (height, width):
                 return self.default_model(task)
         if resize:  # no exact match: colour photos go to SVHN when served, the rest (and grey RGB: prepare_image) to digits
-            colour = image.mode not in ("1", "L", "LA", "I", "I;16", "F") and "svhn" in self.defaults
+            colour = image.mode not in images.GREY_MODES and "svhn" in self.defaults
             return self.default_model("svhn" if colour or "digits" not in self.defaults else "digits")
         raise images.size_error(width, height, self.accepted_sizes)
 

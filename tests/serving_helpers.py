@@ -5,9 +5,11 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import httpx
@@ -125,10 +127,20 @@ def build_svhn_export(exports: Path, name: str = "svhn-tiny") -> Path:
                         embed_test_set=False)
 
 
-def png(array: np.ndarray, mode: str | None = None, **save) -> bytes:
+def saved(image: Image.Image, fmt: str, **options) -> bytes:
+    """An image file's bytes, as a client would upload them."""
     buffer = io.BytesIO()
-    Image.fromarray(array, mode).save(buffer, format=save.pop("format", "PNG"), **save)
+    image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
+
+
+def png(array: np.ndarray, mode: str | None = None, **save) -> bytes:
+    return saved(Image.fromarray(array, mode), save.pop("format", "PNG"), **save)
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk (length, type, data, CRC): for hand-made, malformed PNGs."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def copy_committed(exports: Path, *names: str) -> None:

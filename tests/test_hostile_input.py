@@ -1,9 +1,7 @@
 """Hostile input never gets a 5xx: the reproducers an adversary found, and property-based tests
 (hypothesis) of the decoder, the parsers and the routes that must hold for any input."""
-import io
 import json
 import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ from PIL import Image
 from serving import images, v2
 from serving.errors import InputError
 from serving.schemas import V2Tensor
-from serving_helpers import ROOT, in_process, png
+from serving_helpers import ROOT, in_process, png, png_chunk, saved
 
 CLIENT_STATUSES = {200, 400, 404, 413, 415, 422}
 
@@ -23,16 +21,6 @@ CLIENT_STATUSES = {200, 400, 404, 413, 415, 422}
 def client():
     with in_process(ROOT / "exports") as c:
         yield c
-
-
-def saved(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def webp_vp8x(width: int, height: int) -> bytes:

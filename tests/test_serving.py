@@ -4,7 +4,9 @@ import base64
 import io
 import json
 import shutil
+import struct
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -16,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import export_contract as contract
 from serving import images as image_preprocessing
-from serving_helpers import build_svhn_export, copy_committed, in_process, png, synthetic_svhn
+from serving_helpers import build_svhn_export, copy_committed, in_process, png, png_chunk, saved, synthetic_svhn
 from training import digits
 
 API_KEY = "test-key-123"
@@ -248,21 +250,16 @@ def test_resized_grey_rgb_photos_go_to_digits_colour_ones_to_svhn(client, test_d
 def test_an_option_in_the_body_wins_over_the_query(client, test_digits, where):
     images, _ = test_digits
     big = np.kron(np.round(images[10] * 255 / 16).astype(np.uint8), np.ones((4, 4), np.uint8))  # 32x32, grey
-    params = {"resize": "true", "invert": "bogus-but-checked"}
-    if where == "form":
-        answer = client.post("/predict", params=params, files={"file": ("d.png", png(big, "L"))},
-                             data={"resize": "false"})
-    else:
-        answer = client.post("/predict", params=params, json={"resize": False, "images": [
+
+    def send(params: dict):  # resize=false in the body, the query's resize=true to be overridden
+        if where == "form":
+            return client.post("/predict", params=params, files={"file": ("d.png", png(big, "L"))},
+                               data={"resize": "false"})
+        return client.post("/predict", params=params, json={"resize": False, "images": [
             base64.b64encode(png(big, "L")).decode()]})
+    answer = send({"resize": "true", "invert": "bogus-but-checked"})
     assert answer.status_code == 422 and "invert must be true or false" in answer.json()["error"]
-    del params["invert"]
-    if where == "form":
-        answer = client.post("/predict", params=params, files={"file": ("d.png", png(big, "L"))},
-                             data={"resize": "false"})
-    else:
-        answer = client.post("/predict", params=params, json={"resize": False, "images": [
-            base64.b64encode(png(big, "L")).decode()]})
+    answer = send({"resize": "true"})
     assert answer.status_code == 200 and answer.json()["predictions"][0]["model"] == "svhn-tiny"  # exact 32x32
 
 
@@ -295,28 +292,28 @@ def test_image_formats_and_modes(client, test_digits, kind):
     gray = np.round(images[20] * 255 / 16).astype(np.uint8)
     reference = client.post("/predict", files={"file": ("d.png", png(gray, "L"))}).json()["predictions"][0]
     if kind == "palette":
-        data = _save(Image.fromarray(gray, "L").convert("P"), "PNG")
+        data = saved(Image.fromarray(gray, "L").convert("P"), "PNG")
     elif kind == "rgba":
         rgba = np.stack([gray, gray, gray, np.full_like(gray, 255)], -1)
         data = png(rgba, "RGBA")
     elif kind == "16bit":
-        data = _save(Image.fromarray(gray.astype(np.uint16) * 257), "PNG")
+        data = saved(Image.fromarray(gray.astype(np.uint16) * 257), "PNG")
     elif kind == "cmyk_jpeg":
-        data = _save(Image.fromarray(gray, "L").convert("CMYK"), "JPEG", quality=100)
+        data = saved(Image.fromarray(gray, "L").convert("CMYK"), "JPEG", quality=100)
     elif kind == "gif":
         frames = [Image.fromarray(gray, "L").convert("P"), Image.fromarray(255 - gray, "L").convert("P")]
         buffer = io.BytesIO()
         frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
         data = buffer.getvalue()
     elif kind == "webp":
-        data = _save(Image.fromarray(gray, "L"), "WEBP", lossless=True)
+        data = saved(Image.fromarray(gray, "L"), "WEBP", lossless=True)
     elif kind == "bmp":
-        data = _save(Image.fromarray(gray, "L"), "BMP")
+        data = saved(Image.fromarray(gray, "L"), "BMP")
     else:  # stored rotated 90 degrees, with EXIF orientation 6 saying "rotate back"
         image = Image.fromarray(np.rot90(gray, 1).copy(), "L")
         exif = Image.Exif()
         exif[0x0112] = 6
-        data = _save(image, "PNG", exif=exif)
+        data = saved(image, "PNG", exif=exif)
     response = client.post("/predict", files={"file": ("x", data)})
     assert response.status_code == 200, response.text
     got = response.json()["predictions"][0]
@@ -325,22 +322,13 @@ def test_image_formats_and_modes(client, test_digits, kind):
     assert np.allclose(got["probabilities"], reference["probabilities"], atol=tolerance)
 
 
-def _save(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
 # --- bad input: right status, JSON error, and the service keeps serving ---
 
 def bomb_png() -> bytes:
     """A valid PNG header declaring 100000 x 100000 pixels, with a tiny body."""
-    import struct
-    import zlib
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + png_chunk(b"IEND", b""))
 
 
 @pytest.mark.parametrize("request_kwargs, status, message", [
