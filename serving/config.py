@@ -27,6 +27,7 @@ class Config:
     max_queue: int = 64  # bench/overload.py: accepted p99 92-128 ms at 512 connections on 2 cores
     max_connections: int = 4096
     read_timeout: float = 15.0
+    data_dir: Path | None = None  # SVHN-layout test files named by manifests, for /evaluate
     api_key: str | None = None  # only from DIGITSERVE_API_KEY: a flag would show in `ps`
 
 
@@ -57,6 +58,12 @@ def seconds(low: float, high: float):
             raise argparse.ArgumentTypeError(f"must be {low:g}..{high:g} seconds, got {text}")
         return value
     return check
+
+
+def folder(text: str) -> Path:
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a folder")
+    return Path(text)
 
 
 class Parser(argparse.ArgumentParser):
@@ -91,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open connections per HTTP process; beyond it requests get 503")
     p.add_argument("--read-timeout", type=seconds(0.1, 600), default=defaults.read_timeout,
                    help="seconds a request may take to arrive whole (headers and body); then 408")
+    p.add_argument("--data-dir", type=folder, default=defaults.data_dir,
+                   help="folder holding the test files (test_32x32.mat) that models trained on SVHN name, for "
+                        "/models/NAME/evaluate (MD5-checked; needs digitserve[svhn])")
     for action in p._actions:
         if action.dest != "help":
             action.help = f"{action.help or ''} [{env_name(action.dest)}]".strip()

@@ -5,6 +5,7 @@ models and starts the batcher in each HTTP process before it accepts connections
 the routers and the one error mapping on an app: LitServe's (serving/server.py) or a plain FastAPI
 one in the tests.
 """
+import asyncio
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,7 +22,7 @@ from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException
 
 import export_contract as contract
-from serving import images, schemas, v2
+from serving import images, schemas, test_data, v2
 from serving.errors import InputError, Overloaded, ServiceError
 from serving.http_helpers import AUTH, error_response, read_body, service_of
 from serving.metrics import CONTENT_TYPE
@@ -217,14 +218,11 @@ async def get_curves(name: str, request: Request):
 
 @router.post("/models/{name}/evaluate", dependencies=AUTH, response_model=schemas.EvaluateResponse,
              responses=schemas.ERROR_RESPONSES, tags=["models"],
-             summary="Run the held-out test split through the served backend now")
+             summary="Run the held-out test split through the served backend now (SVHN: from --data-dir)")
 async def evaluate(name: str, request: Request):
     service = service_of(request)
     entry = service.model(name)
-    if "test_set" not in entry.manifest:
-        raise InputError(f"model {name!r} carries no embedded test split to evaluate on", 422)
-    with np.load(entry.file(entry.manifest["test_set"]), allow_pickle=False) as data:
-        x, y = data["x"], data["y"]
+    x, y = await asyncio.to_thread(test_data.load, entry, service.config.data_dir)
     started = time.perf_counter()
     log_probs = []
     async with service.admitted():

@@ -37,6 +37,18 @@ class TestMetrics(BaseModel):
     n: int
 
 
+class TestFile(BaseModel):
+    file: str
+    md5: str
+    n: int
+
+
+class DataRecord(BaseModel):
+    name: str = Field(description="sklearn-digits | svhn | svhn-synthetic | svhn-format")
+    description: str
+    test_file: TestFile | None = Field(None, description="the test file /evaluate reads from the server's --data-dir")
+
+
 class ModelSummary(BaseModel):
     name: str
     status: str = Field(description="ready | loading | unavailable")
@@ -44,6 +56,7 @@ class ModelSummary(BaseModel):
     task: str | None = None
     version: str | None = None
     summary: str | None = None
+    data: DataRecord | None = Field(None, description="what the model was trained and tested on")
     default_for: str | None = Field(None, description="the image size this model answers by default")
     input: dict | None = None
     device: str | None = Field(None, description="cuda | cpu: where this process runs the model")

@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 import numpy as np
 from prometheus_client import multiprocess
 
-from serving import images, registry
+from serving import images, registry, test_data
 from serving.backends import BACKENDS, BackendError
 from serving.batcher import DynamicBatcher
 from serving.config import Config
@@ -53,6 +53,8 @@ class Service:
             self.entries = {e.name: e for e in registry.scan(config.exports, config.backend)}
         except (BackendError, registry.ExportsError) as err:
             raise StartupError(str(err)) from None
+        if config.data_dir is not None and (problem := test_data.mat_reader_problem()):
+            raise StartupError(problem)
         # Every model loads here (on the CPU, without running) before anything forks: one that
         # cannot is unavailable with its reason, and the others still serve.
         self.mark_unavailable(Classifier(self.artifacts(), config.backend, "cpu").load(warm=False))
@@ -255,6 +257,7 @@ class Service:
                             for h, w in [images.spec_size(m["input"])]), None)
         test = m["metrics"]["test"]
         return {"name": name, "status": self.status(name), "task": m["task"], "version": m["version"],
-                "summary": m.get("summary"), "default_for": default_for, "input": m["input"], **self.placement(name),
+                "summary": m.get("summary"), "data": m.get("data"), "default_for": default_for, "input": m["input"],
+                **self.placement(name),
                 "test": {k: test[k] for k in ("nll", "error", "errors", "n")},
                 "best_epoch": m["metrics"]["best_epoch"], "epochs_run": m["metrics"]["epochs_run"]}

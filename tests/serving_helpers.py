@@ -110,7 +110,8 @@ def tiny_svhn_model() -> nn.Module:
                          nn.Flatten(), nn.Linear(8 * 8 * 8, 10), nn.LogSoftmax(1))
 
 
-def build_svhn_export(exports: Path, name: str = "svhn-tiny") -> Path:
+def build_svhn_export(exports: Path, name: str = "svhn-tiny", data: dict | None = None) -> Path:
+    """A small SVHN-shaped export; `data`: its manifest's data record (none: its test split is embedded)."""
     from training.export import export_model
     from training.loop import Recipe, fit
     torch.manual_seed(0)
@@ -122,9 +123,9 @@ def build_svhn_export(exports: Path, name: str = "svhn-tiny") -> Path:
                   max_epochs=6, patience=6, progress=False)
     run = {"task": "svhn", "arch": "tiny", "summary": "test-only SVHN-shaped CNN on synthetic crops", "seed": 0,
            "config": {}, "environment": {}, "wall_seconds": history.train_seconds, "best_epoch": history.best_epoch,
-           "epochs_run": history.epochs_run, "val_nll": history.val_nll, "val_error": history.val_error}
-    return export_model(model, run, Path("synthetic-run"), SVHN_INPUT, test_x, test_y, name, exports,
-                        embed_test_set=False)
+           "epochs_run": history.epochs_run, "val_nll": history.val_nll, "val_error": history.val_error,
+           **({"data": data} if data else {})}
+    return export_model(model, run, Path("synthetic-run"), SVHN_INPUT, test_x, test_y, name, exports)
 
 
 def saved(image: Image.Image, fmt: str, **options) -> bytes:

@@ -65,7 +65,8 @@ def test_the_dockerfile_cmd_starts_a_ready_server(tmp_path):
                 time.sleep(0.3)
         else:
             raise AssertionError("the Dockerfile's CMD did not give a ready server in 90 s")
-        assert {m["name"] for m in httpx.get(url + "/models").json()["models"]} == {"digits-cnn", "digits-mlp"}
+        served = {m["name"] for m in httpx.get(url + "/models").json()["models"]}
+        assert served == {"digits-cnn", "digits-mlp", "svhn-synthetic-cnn"}
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(15)

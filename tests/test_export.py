@@ -29,13 +29,23 @@ def tiny_run(tmp_path_factory) -> Path:
 
 def test_committed_exports_validate_and_hashes_match():
     entries = {entry.name: entry for entry in registry.scan(EXPORTS, "onnx")}
-    for name in COMMITTED:
+    assert set(COMMITTED) | {"svhn-synthetic-cnn"} <= set(entries)
+    for name in [*COMMITTED, "svhn-synthetic-cnn"]:
         entry = entries[name]
         assert entry.available, entry.error
         assert contract.schema_errors(entry.manifest) == []
         m = entry.manifest
         for item in [*m["artifacts"].values(), m["curves"], m["test_set"]]:
             assert contract.sha256(entry.folder / item["file"]) == item["sha256"]
+        assert entry.file(m["test_set"]).stat().st_size <= 5 * 2**20  # what a clone carries per model
+
+
+def test_the_committed_32x32_model_says_it_has_seen_only_synthetic_crops():
+    (entry,) = [e for e in registry.scan(EXPORTS, "onnx") if e.name == "svhn-synthetic-cnn"]
+    data = entry.manifest["data"]
+    assert data["name"] == "svhn-synthetic" and "not SVHN" in data["description"]
+    assert "python -m training svhn --download" in data["description"]  # and how to train the real one
+    assert entry.manifest["test_set"]["n"] == data["test_file"]["n"] == entry.manifest["metrics"]["test"]["n"]
 
 
 def test_schema_accepts_good_and_names_what_is_wrong_with_bad(tiny_run):
@@ -79,8 +89,7 @@ def test_export_fails_loudly_when_an_artifact_disagrees(tiny_run, tmp_path, monk
     real_run_onnx = export.run_onnx
     monkeypatch.setattr(export, "run_onnx", lambda *a, **k: real_run_onnx(*a, **k) + 1e-3)
     with pytest.raises(ExportError, match="onnx artifact disagrees"):
-        export_model(model, run, tiny_run, digits.INPUT_SPEC, test.x, test.y, "digits-cnn", tmp_path,
-                     embed_test_set=True)
+        export_model(model, run, tiny_run, digits.INPUT_SPEC, test.x, test.y, "digits-cnn", tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -100,15 +109,14 @@ def test_failed_export_leaves_previous_export_intact(tiny_run, tmp_path, monkeyp
     exports_dir = tmp_path / "exports"
     run, model = load_run(tiny_run)
     test = digits.load_split("test")
-    export_model(model, run, tiny_run, digits.INPUT_SPEC, test.x, test.y, "digits-cnn", exports_dir, embed_test_set=True)
+    export_model(model, run, tiny_run, digits.INPUT_SPEC, test.x, test.y, "digits-cnn", exports_dir)
     before = {p.name: p.read_bytes() for p in (exports_dir / "digits-cnn").iterdir()}
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
     monkeypatch.setattr(export, "save_torchscript", crash)
     with pytest.raises(OSError, match="disk full"):
-        export_model(model, run, tiny_run, digits.INPUT_SPEC, test.x, test.y, "digits-cnn", exports_dir,
-                     embed_test_set=True)
+        export_model(model, run, tiny_run, digits.INPUT_SPEC, test.x, test.y, "digits-cnn", exports_dir)
     assert {p.name: p.read_bytes() for p in (exports_dir / "digits-cnn").iterdir()} == before
     assert sorted(p.name for p in exports_dir.iterdir()) == ["digits-cnn"]
 

@@ -16,7 +16,7 @@ EXAMPLES = [line for line in (ROOT / "README.md").read_text().splitlines() if li
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     exports = tmp_path_factory.mktemp("exports")  # the committed models, whatever else exports/ holds here
-    copy_committed(exports, "digits-cnn", "digits-mlp")
+    copy_committed(exports, "digits-cnn", "digits-mlp", "svhn-synthetic-cnn")
     process = ServerProcess(exports)
     try:
         process.wait_ready()

@@ -207,6 +207,7 @@ def test_metrics_sum_every_http_process(server):
     ([], {"DIGITSERVE_WORKERS": "0"}, 2, "DIGITSERVE_WORKERS=0: must be 1..256"),
     ([], {"DIGITSERVE_PORT": "http"}, 2, "DIGITSERVE_PORT=http: 'http' is not an integer"),
     ([], {"DIGITSERVE_DEVICE": "tpu"}, 2, "DIGITSERVE_DEVICE=tpu: choose from auto, cpu, cuda"),
+    ([], {"DIGITSERVE_DATA_DIR": "/nonexistent"}, 2, "DIGITSERVE_DATA_DIR=/nonexistent: /nonexistent is not a folder"),
     (["--workers", "3"], {"DIGITSERVE_WORKERS": "0"}, 1, "does not exist"),  # the flag wins over the variable
     (["--exports", "missing"], {}, 1, "exports folder missing does not exist"),
 ])

@@ -12,11 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import onnxruntime
 import pytest
+import scipy.io
 import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 import export_contract as contract
+from export_contract import svhn_mat
 from serving import images as image_preprocessing
 from serving_helpers import build_svhn_export, copy_committed, in_process, png, png_chunk, saved, synthetic_svhn
 from training import digits
@@ -107,7 +109,36 @@ def test_evaluate_matches_manifest(client):
     body = client.post("/models/digits-cnn/evaluate").json()
     assert body["agrees"] is True and body["served"]["n"] == 447
     assert body["served"]["errors"] == body["manifest"]["errors"]
-    assert client.post("/models/svhn-tiny/evaluate").status_code == 422  # no embedded test split
+    svhn = client.post("/models/svhn-tiny/evaluate").json()  # its 200 test crops travel in the export
+    assert svhn["agrees"] is True and svhn["served"]["n"] == 200
+
+
+def test_evaluate_reads_an_svhn_test_file_from_the_data_dir(tmp_path):
+    """The official SVHN test file is too large to carry in an export: /evaluate reads it from
+    --data-dir, checked against the MD5 the manifest recorded, and says plainly what is missing."""
+    x, y = synthetic_svhn(200, 2)  # the test crops build_svhn_export measures on, in the official layout
+    data = tmp_path / "data"
+    data.mkdir()
+    scipy.io.savemat(data / "test_32x32.mat", {"X": x.transpose(2, 3, 1, 0), "y": np.where(y == 0, 10, y)[:, None]})
+    test_file = {"file": "test_32x32.mat", "md5": svhn_mat.md5(data / "test_32x32.mat"), "n": 200}
+    build_svhn_export(tmp_path / "exports", "svhn-cnn", data={"name": "svhn", "description": "SVHN", "test_file": test_file})
+    assert "test_set" not in json.loads((tmp_path / "exports" / "svhn-cnn" / "model.json").read_text())
+    with in_process(tmp_path / "exports", data_dir=data) as c:
+        body = c.post("/models/svhn-cnn/evaluate").json()
+        assert body["agrees"] is True and body["served"]["n"] == 200
+        assert c.get("/models").json()["models"][0]["data"]["test_file"] == test_file
+    with in_process(tmp_path / "exports") as c:
+        answer = c.post("/models/svhn-cnn/evaluate")
+        assert answer.status_code == 422 and "start the server with --data-dir" in answer.json()["error"]
+    other = tmp_path / "other"
+    other.mkdir()
+    with in_process(tmp_path / "exports", data_dir=other) as c:
+        answer = c.post("/models/svhn-cnn/evaluate")
+        assert answer.status_code == 422 and "data folder has no test_32x32.mat" in answer.json()["error"]
+        scipy.io.savemat(other / "test_32x32.mat", {"X": x.transpose(2, 3, 1, 0), "y": np.ones((200, 1))})
+        answer = c.post("/models/svhn-cnn/evaluate")
+        assert answer.status_code == 422 and "is not the file model 'svhn-cnn' was tested on" in answer.json()["error"]
+        assert str(tmp_path) not in answer.text  # the server's folders are not the client's business
 
 
 # --- prediction ---

@@ -130,6 +130,31 @@ def test_short_cpu_run_splits_trains_and_exports(synth_dir, tmp_path):
     (entry,) = registry.scan(run_dir / "export", "onnx")
     assert entry.available and entry.manifest["input"]["dtype"] == "uint8" and entry.manifest["task"] == "svhn"
     assert entry.manifest["metrics"]["test"]["n"] == 120
+    # Trained on synthetic crops: said in its name and manifest, with the test split it carries.
+    assert entry.name == "svhn-synthetic-cnn" and entry.manifest["data"]["name"] == "svhn-synthetic"
+    assert "not SVHN" in entry.manifest["data"]["description"]
+    written = json.loads((synth_dir / svhn.SYNTHETIC_RECORD).read_text())
+    assert entry.manifest["data"]["test_file"] == {"file": "test_32x32.mat", "md5": written["md5"]["test"], "n": 120}
+    assert entry.manifest["test_set"]["n"] == 120
+    with np.load(entry.file(entry.manifest["test_set"]), allow_pickle=False) as embedded:
+        assert np.array_equal(embedded["x"], svhn.load_split(synth_dir, "test", verify_md5=False).x)
+
+
+def test_data_record_tells_official_synthetic_and_other_files_apart(synth_dir, tmp_path, monkeypatch):
+    train, test = (svhn.load_split(synth_dir, split, verify_md5=False) for split in ("train", "test"))
+    assert svhn.data_record(synth_dir, train, test)["name"] == "svhn-synthetic"
+    # the same files without the generator's record, or not the files it describes: someone else's
+    assert svhn.data_record(tmp_path, train, test)["name"] == "svhn-format"
+    (tmp_path / svhn.SYNTHETIC_RECORD).write_text((synth_dir / svhn.SYNTHETIC_RECORD).read_text())
+    altered = svhn.Arrays(train.x, train.y, "0" * 32)
+    assert svhn.data_record(tmp_path, altered, test)["name"] == "svhn-format"
+    # the official MD5s: SVHN, whose test file the server reads from --data-dir (nothing embedded)
+    monkeypatch.setitem(svhn.FILES, "train", ("train_32x32.mat", train.md5))
+    monkeypatch.setitem(svhn.FILES, "test", ("test_32x32.mat", test.md5))
+    record = svhn.data_record(synth_dir, train, test)
+    assert record["name"] == "svhn" and record["test_file"] == {"file": "test_32x32.mat", "md5": test.md5, "n": 120}
+    from training.export import embed_test_set
+    assert embed_test_set(tmp_path, test.x, test.y, record) == {} and not (tmp_path / "test_set.npz").exists()
 
 
 def test_two_process_gloo_run_writes_once(synth_dir, tmp_path):

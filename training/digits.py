@@ -34,3 +34,7 @@ def load_split(name: str, device: torch.device | str = "cpu") -> Split:
 # What an exported digits model takes: exactly what the service sends it.
 INPUT_SPEC = {"name": "pixels", "shape": [None, 1, 8, 8], "dtype": "float32", "range": [0, PIXEL_MAX],
               "layout": "NCHW", "color": "grayscale", "polarity": "ink bright (16) on a dark (0) background"}
+# What the models were trained and tested on, for their manifests.
+DATA = {"name": "sklearn-digits",
+        "description": "scikit-learn's 8x8 digits (1,797 images from UCI's optdigits), the original notebook's "
+                       "split by position: 1,000 train, 350 validation, the last 447 test"}

@@ -4,12 +4,13 @@
 Official layout: `X` uint8 [32, 32, 3, N], `y` [N, 1] with 10 meaning digit 0. The `extra` split
 is never used.
 """
-import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from export_contract import svhn_mat
 from training.errors import DataError
 
 FILES = {  # split -> (file name, official MD5), as torchvision's SVHN dataset checks them
@@ -17,6 +18,7 @@ FILES = {  # split -> (file name, official MD5), as torchvision's SVHN dataset c
     "test": ("test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3"),
 }
 MIN_VAL_FRACTION = 0.1
+SYNTHETIC_RECORD = "synthetic.json"  # written by `svhn-synth` beside its .mat files
 
 INPUT_SPEC = {"name": "pixels", "shape": [None, 3, 32, 32], "dtype": "uint8", "range": [0, 255],
               "layout": "NCHW", "color": "RGB"}
@@ -26,11 +28,7 @@ INPUT_SPEC = {"name": "pixels", "shape": [None, 3, 32, 32], "dtype": "uint8", "r
 class Arrays:
     x: np.ndarray  # N x 3 x 32 x 32 uint8
     y: np.ndarray  # N int64, 0..9
-
-
-def md5(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "md5").hexdigest()
+    md5: str       # of the file it came from
 
 
 def load_split(data_dir: Path, split: str, verify_md5: bool = True) -> Arrays:
@@ -40,29 +38,39 @@ def load_split(data_dir: Path, split: str, verify_md5: bool = True) -> Arrays:
     hint = f"put the official SVHN files {FILES['train'][0]} and {FILES['test'][0]} in {data_dir} or pass --download"
     if not path.is_file():
         raise DataError(f"{path} is missing: {hint}")
-    if verify_md5 and md5(path) != expected_md5:
+    digest = svhn_mat.md5(path)
+    if verify_md5 and digest != expected_md5:
         raise DataError(f"{path} is not the official file (MD5 differs from {expected_md5}): pass --skip-md5 for "
                         f"your own or synthetic files (python -m training svhn-synth), or --download to fetch the "
                         f"official ones")
-    import scipy.io
     try:
-        mat = scipy.io.loadmat(path)  # MATLAB v5 parser: no pickle involved
-    except Exception as err:  # scipy raises several types for unreadable files
-        raise DataError(f"{path} is not a readable .mat file: {err}") from None
-    x, y = mat.get("X"), mat.get("y")
-    if not isinstance(x, np.ndarray) or x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.dtype != np.uint8:
-        raise DataError(f"{path}: X must be uint8 [32, 32, 3, N], got "
-                        f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
-    if not isinstance(y, np.ndarray) or y.size != x.shape[3] or y.ndim not in (1, 2) or y.dtype.kind not in "iuf":
-        raise DataError(f"{path}: y must hold one label per image ({x.shape[3]}), got {list(getattr(y, 'shape', []))}")
-    labels = y.reshape(-1)
-    if labels.dtype.kind == "f" and not np.array_equal(labels, np.round(labels)):
-        raise DataError(f"{path}: labels must be integers")
-    labels = labels.astype(np.int64)
-    if labels.min() < 1 or labels.max() > 10:
-        raise DataError(f"{path}: labels must lie in 1..10 (10 = digit 0), got {labels.min()}..{labels.max()}")
-    labels[labels == 10] = 0
-    return Arrays(np.ascontiguousarray(x.transpose(3, 2, 0, 1)), labels)
+        x, y = svhn_mat.read(path)
+    except svhn_mat.MatFileError as err:
+        raise DataError(str(err)) from None
+    return Arrays(x, y, digest)
+
+
+def data_record(data_dir: Path, train: Arrays, test: Arrays) -> dict:
+    """What the model was trained and tested on, for its manifest: the official SVHN files, synthetic
+    crops this package wrote (SYNTHETIC_RECORD beside them, with their MD5s), or other files in the layout.
+    The test file's name and MD5 let a server re-evaluate the model on a data folder (`--data-dir`)."""
+    test_file = {"file": FILES["test"][0], "md5": test.md5, "n": len(test.y)}
+    if (train.md5, test.md5) == (FILES["train"][1], FILES["test"][1]):
+        return {"name": "svhn", "test_file": test_file,
+                "description": "SVHN format 2: the official train_32x32.mat (73,257 crops, 10 % held out for "
+                               "validation) and test_32x32.mat (26,032), MD5-checked"}
+    try:
+        written = json.loads((data_dir / SYNTHETIC_RECORD).read_text())
+    except (OSError, ValueError):
+        written = None
+    if isinstance(written, dict) and written.get("md5") == {"train": train.md5, "test": test.md5}:
+        return {"name": "svhn-synthetic", "test_file": test_file,
+                "description": f"synthetic house-number crops, not SVHN: `{written['command']}` "
+                               f"({len(train.y):,} crops in the train file, {len(test.y):,} in the test file); for a model of "
+                               f"real house numbers: python -m training svhn --download"}
+    return {"name": "svhn-format", "test_file": test_file,
+            "description": f"files in SVHN's .mat layout that are neither the official ones nor synthetic crops "
+                           f"written here (train MD5 {train.md5}, {len(train.y):,} crops; test {len(test.y):,})"}
 
 
 def download(data_dir: Path) -> None:
@@ -98,4 +106,3 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     return train_idx, val_idx
 
 
-# --- synthetic crops in the official layout ---

@@ -8,13 +8,15 @@ from the seed; the fonts come from the machine (`digit_fonts`), so two machines 
 fonts write different, equally valid sets.
 """
 import io
+import json
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from training.svhn import FILES
+from export_contract import svhn_mat
+from training.svhn import FILES, SYNTHETIC_RECORD
 
 CANVAS = 128  # drawn at 4x the crop's size, then cut and shrunk: antialiased strokes and edges
 SYMBOL_FONTS = ("cmex", "cmsy", "Sym", "Math")  # their digit code points draw symbols
@@ -197,12 +199,19 @@ def crop(rng: np.random.Generator, label: int, font_path: Path) -> np.ndarray:
 
 
 def write_synthetic(data_dir: Path, n_train: int, n_test: int, seed: int, jobs: int = 1) -> None:
-    """train_32x32.mat and test_32x32.mat of synthetic crops, in the official layout."""
+    """train_32x32.mat and test_32x32.mat of synthetic crops, in the official layout, and beside them
+    SYNTHETIC_RECORD: how they were made and their MD5s, so that a model trained on them says so."""
     import scipy.io
     data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / SYNTHETIC_RECORD).unlink(missing_ok=True)  # files being rewritten are no longer those it describes
+    digests = {}
     for split, n, split_seed in (("train", n_train, seed), ("test", n_test, seed + 1)):
         x, y = synthetic_crops(n, split_seed, jobs)
         path = data_dir / FILES[split][0]
         staging = path.with_suffix(".tmp.mat")
         scipy.io.savemat(staging, {"X": x, "y": y})
         staging.replace(path)
+        digests[split] = svhn_mat.md5(path)
+    record = {"command": f"python -m training svhn-synth --train {n_train} --test {n_test} --seed {seed}",
+              "fonts": len(digit_fonts()), "md5": digests}
+    (data_dir / SYNTHETIC_RECORD).write_text(json.dumps(record, indent=2) + "\n")

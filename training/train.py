@@ -15,7 +15,7 @@ import torch.distributed as dist
 from export_contract import sha256
 from training import digits, reproducible, svhn
 from training.errors import UsageError
-from training.export import export_model
+from training.export import default_name, export_model
 from training.loop import evaluate, fit
 from training.recipes import DIGITS_ARCHS, SVHN_ARCHS
 from training.runs import atomic_folder, environment, plot_curves, utc_stamp, write_json
@@ -33,8 +33,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def write_run(metrics: dict, model: torch.nn.Module, history, test_x: torch.Tensor, test_y: torch.Tensor,
-              input_spec: dict, out: Path, embed_test_set: bool, splits: dict | None = None) -> Path:
-    """The run folder, atomically: checkpoint, metrics.json, curves, export/TASK-ARCH/ (servable)."""
+              input_spec: dict, out: Path, splits: dict | None = None) -> Path:
+    """The run folder, atomically: checkpoint, metrics.json, curves, export/NAME/ (servable; NAME from
+    training.export.default_name)."""
     task, arch, seed = metrics["task"], metrics["arch"], metrics["seed"]
     final = out / f"{task}-{arch}-seed{seed}-{utc_stamp()}"
     test = metrics["test"]
@@ -47,15 +48,14 @@ def write_run(metrics: dict, model: torch.nn.Module, history, test_x: torch.Tens
             np.savez(staging / "splits.npz", **splits)
         plot_curves(staging / "curves", history.val_nll, history.val_error, test["nll"], test["error"],
                     f"{task} {arch} (seed {seed}): best epoch {history.best_epoch}")
-        export_model(model, metrics, final, input_spec, test_x, test_y, f"{task}-{arch}", staging / "export",
-                     embed_test_set=embed_test_set)
+        export_model(model, metrics, final, input_spec, test_x, test_y, default_name(metrics), staging / "export")
     return final
 
 
-def run_metrics(task: str, arch: str, summary: str, seed: int, config: dict, device: torch.device, started: float,
-                history, result, reproducibility: dict) -> dict:
+def run_metrics(task: str, arch: str, summary: str, data: dict, seed: int, config: dict, device: torch.device,
+                started: float, history, result, reproducibility: dict) -> dict:
     return {
-        "task": task, "arch": arch, "summary": summary, "seed": seed, "config": config,
+        "task": task, "arch": arch, "summary": summary, "data": data, "seed": seed, "config": config,
         "environment": environment(str(device)), "reproducibility": reproducibility,
         "wall_seconds": round(time.perf_counter() - started, 2),
         "epochs_run": history.epochs_run, "best_epoch": history.best_epoch,
@@ -83,9 +83,9 @@ def train_digits(arch: str, seed: int, max_epochs: int, patience: int, device: t
                   progress=progress, desc=f"digits {arch}")
     result = evaluate(model, test.x, test.y)
     config = {"max_epochs": max_epochs, "patience": patience, "recipe": asdict(spec.recipe)}
-    metrics = run_metrics("digits", arch, spec.summary, seed, config, device, started, history, result,
+    metrics = run_metrics("digits", arch, spec.summary, digits.DATA, seed, config, device, started, history, result,
                           reproducibility)
-    return write_run(metrics, model, history, test.x, test.y, digits.INPUT_SPEC, out, embed_test_set=True), metrics
+    return write_run(metrics, model, history, test.x, test.y, digits.INPUT_SPEC, out), metrics
 
 
 def train_svhn(args) -> tuple[Path, dict] | None:
@@ -127,14 +127,13 @@ def train_svhn(args) -> tuple[Path, dict] | None:
                   "val_fraction": args.val_fraction, "world_size": world, "compile": args.compile,
                   "model_kwargs": model_kwargs,
                   "train_images": len(train_idx), "val_images": len(val_idx), "bf16": cuda}
-        metrics = run_metrics("svhn", "cnn", spec.summary, args.seed, config, device, started, history, result,
-                              reproducibility)
+        metrics = run_metrics("svhn", "cnn", spec.summary, svhn.data_record(args.data_dir, train_all, test), args.seed,
+                              config, device, started, history, result, reproducibility)
         metrics["images_per_second"] = round(history.epochs_run * len(train_idx) / history.train_seconds, 1)
         durations = np.diff([0.0, *history.epoch_ends])
         metrics["seconds_per_epoch"] = round(float(np.median(durations)), 3)  # median: not the first (compile, warm-up)
         metrics["seconds_to_best_epoch"] = round(history.epoch_ends[history.best_epoch], 2)
-        run_dir = write_run(metrics, model, history, test_x, test_y, svhn.INPUT_SPEC, args.out, embed_test_set=False,
-                            splits={"train_indices": train_idx, "val_indices": val_idx})
+        run_dir = write_run(metrics, model, history, test_x, test_y, svhn.INPUT_SPEC, args.out, splits={"train_indices": train_idx, "val_indices": val_idx})
         return run_dir, metrics
     finally:
         if world > 1:
