@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, entry in service.entries.items():
             if not entry.available:
                 print(f"model {name} unavailable: {entry.error}", file=sys.stderr)
-        print(f"serving {', '.join(sorted(service.ready_models))} with {config.backend} on {service.device} at "
+        print(f"serving {', '.join(sorted(n for n, e in service.entries.items() if e.available))} with {config.backend} on {service.device} at "
               f"http://{config.host}:{config.port}", file=sys.stderr)
         return server.run(litserver, service, processes)
     finally:

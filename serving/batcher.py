@@ -15,21 +15,22 @@ import time
 
 import numpy as np
 
-from serving.inference import Classifier
+from serving import inference
 from serving.metrics import Metrics
 
 
 class DynamicBatcher:
-    def __init__(self, classifier: Classifier, metrics: Metrics, max_batch_size: int, batch_timeout: float):
-        self.classifier, self.metrics = classifier, metrics
+    def __init__(self, metrics: Metrics, max_batch_size: int, batch_timeout: float):
+        self.metrics = metrics
         self.max_batch_size, self.batch_timeout = max_batch_size, batch_timeout
         self.queue: asyncio.Queue | None = None
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
         """Start batching (the models are loaded and warm: before this process accepts connections)."""
-        # Everything loaded so far lives as long as the process: keep it out of the garbage
-        # collector's generations, so collections under load are short (tail latency).
+        # What is loaded so far lives about as long as the process: keep it out of the garbage
+        # collector's generations, so collections under load are short (tail latency). A model
+        # version a reload replaces is still freed, by its reference count.
         gc.collect()
         gc.freeze()
         self.queue = asyncio.Queue()
@@ -43,7 +44,7 @@ class DynamicBatcher:
     def ready(self) -> bool:
         return self.task is not None and not self.task.done()
 
-    async def submit(self, items: list[tuple[str, np.ndarray]]) -> tuple[list[np.ndarray], int]:
+    async def submit(self, items: list[tuple[inference.ServedModel, np.ndarray]]) -> tuple[list[np.ndarray], int]:
         """Queue one request's images; resolves to (log-probabilities per image, images in the batch)."""
         future = asyncio.get_running_loop().create_future()
         self.queue.put_nowait((items, future, time.perf_counter()))
@@ -67,10 +68,10 @@ class DynamicBatcher:
             self.metrics.queue_images.dec(images)
             started = time.perf_counter()
             for items, _, queued_at in batch:
-                for name in {name for name, _ in items}:
+                for name in {model.name for model, _ in items}:
                     self.metrics.queue_seconds.labels(name).observe(started - queued_at)
             try:
-                result = await asyncio.to_thread(self.classifier.predict, [items for items, _, _ in batch])
+                result = await asyncio.to_thread(inference.predict, [items for items, _, _ in batch])
             except Exception as err:  # a backend failure fails this batch's requests, not the batcher
                 for _, future, _ in batch:
                     if not future.done():

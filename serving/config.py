@@ -28,6 +28,7 @@ class Config:
     max_connections: int = 4096
     read_timeout: float = 15.0
     data_dir: Path | None = None  # SVHN-layout test files named by manifests, for /evaluate
+    reload_interval: float = 5.0
     api_key: str | None = None  # only from DIGITSERVE_API_KEY: a flag would show in `ps`
 
 
@@ -98,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open connections per HTTP process; beyond it requests get 503")
     p.add_argument("--read-timeout", type=seconds(0.1, 600), default=defaults.read_timeout,
                    help="seconds a request may take to arrive whole (headers and body); then 408")
+    p.add_argument("--reload-interval", type=seconds(0, 3600), default=defaults.reload_interval,
+                   help="seconds between looks at the exports folder for new, changed and removed models (0: only "
+                        "on POST /models/reload or SIGHUP)")
     p.add_argument("--data-dir", type=folder, default=defaults.data_dir,
                    help="folder holding the test files (test_32x32.mat) that models trained on SVHN name, for "
                         "/models/NAME/evaluate (MD5-checked; needs digitserve[svhn])")

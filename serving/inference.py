@@ -1,7 +1,9 @@
-"""The served models of one process: loaded, warmed, and run one backend call per model per batch.
+"""Served model versions and the batched call over them.
 
-Each HTTP process holds its own Classifier behind its own dynamic batcher (serving/batcher.py). The
-batch is a list of requests, each a list of (model name, C x H x W array) already decoded and
+A ServedModel is one version of one model, loaded (and warmed) in this process. A request is routed
+to ServedModel objects once, when it is parsed, and keeps them until it is answered: a reload
+(serving/lifecycle.py) changes which version new requests get, never the one a request holds.
+The batch is a list of requests, each a list of (ServedModel, C x H x W array) already decoded and
 validated on the HTTP side, so a bad upload fails alone.
 """
 import time
@@ -12,63 +14,77 @@ from pathlib import Path
 import numpy as np
 
 from serving.backends import BACKENDS, BackendError
+from serving.registry import ModelEntry
 
 WARMUP_BATCH_SIZES = (1, 8)
+EVALUATION_BATCH = 256
+
+
+class LoadError(Exception):
+    """The artifact cannot be loaded or run by the backend; the message says why."""
+
+
+@dataclass(eq=False)
+class ServedModel:
+    entry: ModelEntry
+    runner: object                 # a backends.BACKENDS instance: batch in, log-probabilities out
+    verified: dict | None = None   # the test figures this runner reproduced; None: no test split was at hand
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def manifest(self) -> dict:
+        return self.entry.manifest
+
+    @property
+    def version(self) -> str:
+        return self.entry.manifest["version"]
+
+
+def load_runner(entry: ModelEntry, backend: str, device: str, warm: bool = True):
+    """The backend's runner for `entry`'s artifact, run once per warm-up size (`warm`) so the first real
+    request is not slow. Raises LoadError.
+
+    Before LitServe forks the HTTP processes, load only: running a model starts the runtime's thread
+    pool (OpenMP for torch), which a forked child cannot use (it hangs)."""
+    spec, path = entry.manifest["input"], entry.artifact_path(backend)
+    try:
+        runner = BACKENDS[backend](path, device, spec["name"])
+        for size in WARMUP_BATCH_SIZES if warm else ():
+            runner(np.zeros([size] + spec["shape"][1:], dtype=spec["dtype"]))
+    except BackendError as err:
+        raise LoadError(str(err)) from None
+    except Exception as err:  # a graph that loads but cannot run: many runtime error types
+        raise LoadError(f"{BACKENDS[backend].name} cannot run {Path(path).name}: {str(err).splitlines()[0]}") from None
+    return runner
+
+
+def run_all(runner, x: np.ndarray) -> np.ndarray:
+    """Log-probabilities of a whole test split, in backend calls of EVALUATION_BATCH images."""
+    return np.concatenate([runner(x[i:i + EVALUATION_BATCH]) for i in range(0, len(x), EVALUATION_BATCH)])
 
 
 @dataclass
 class BatchResult:
     log_probs: list[list[np.ndarray]]   # per request, per item: log-probabilities (10,)
     images: int                         # images in the batch, all models together
-    seconds: dict[str, float]           # model -> time in its backend call
+    seconds: dict[str, float]           # model name -> time in its backend call
 
 
-class Classifier:
-    def __init__(self, models: dict[str, dict], backend: str, device: str):
-        """`models`: name -> {"path": artifact file, "input": manifest input spec}."""
-        self.models = models
-        self.backend = BACKENDS[backend]
-        self.device = device
-        self.runners = {}
-
-    def load(self, warm: bool = True) -> dict[str, str]:
-        """Load every model and (`warm`) run it once per warm-up size, so the first real request is
-        not slow. Returns the models that could not be loaded or run, with the reason; the others serve.
-
-        Before LitServe forks the HTTP processes, load only: running a model starts the runtime's
-        thread pool (OpenMP for torch), which a forked child cannot use (it hangs)."""
-        failed = {}
-        for name, model in self.models.items():
-            spec = model["input"]
-            try:
-                runner = self.backend(Path(model["path"]), self.device, spec["name"])
-                for size in WARMUP_BATCH_SIZES if warm else ():
-                    runner(np.zeros([size] + spec["shape"][1:], dtype=spec["dtype"]))
-            except BackendError as err:
-                failed[name] = str(err)
-                continue
-            except Exception as err:  # a graph that loads but cannot run: many runtime error types
-                failed[name] = f"{self.backend.name} cannot run {Path(model['path']).name}: {str(err).splitlines()[0]}"
-                continue
-            self.runners[name] = runner
-        return failed
-
-    def placement(self) -> dict[str, dict]:
-        """Where each loaded model runs: {"device": "cuda" | "cpu", "provider": ...}."""
-        return {name: {"device": runner.device, "provider": runner.provider} for name, runner in self.runners.items()}
-
-    def predict(self, requests: list[list[tuple[str, np.ndarray]]]) -> BatchResult:
-        """One backend call per model for everything batched together; answers split back per request."""
-        by_model = defaultdict(list)  # name -> [(request index, item index, array)]
-        for r, items in enumerate(requests):
-            for i, (name, array) in enumerate(items):
-                by_model[name].append((r, i, array))
-        log_probs = [[None] * len(items) for items in requests]
-        seconds = {}
-        for name, entries in by_model.items():
-            started = time.perf_counter()
-            result = self.runners[name](np.stack([array for _, _, array in entries]))
-            seconds[name] = time.perf_counter() - started
-            for (r, i, _), row in zip(entries, result):
-                log_probs[r][i] = row
-        return BatchResult(log_probs, sum(len(items) for items in requests), seconds)
+def predict(requests: list[list[tuple[ServedModel, np.ndarray]]]) -> BatchResult:
+    """One backend call per model version for everything batched together; answers split back per request."""
+    by_model = defaultdict(list)  # ServedModel -> [(request index, item index, array)]
+    for r, items in enumerate(requests):
+        for i, (model, array) in enumerate(items):
+            by_model[model].append((r, i, array))
+    log_probs = [[None] * len(items) for items in requests]
+    seconds = {}
+    for model, entries in by_model.items():
+        started = time.perf_counter()
+        result = model.runner(np.stack([array for _, _, array in entries]))
+        seconds[model.name] = seconds.get(model.name, 0.0) + time.perf_counter() - started
+        for (r, i, _), row in zip(entries, result):
+            log_probs[r][i] = row
+    return BatchResult(log_probs, sum(len(items) for items in requests), seconds)

@@ -25,7 +25,7 @@ def multiprocess_dir() -> str | None:
 
 class Metrics:
     def __init__(self, models):
-        self.models = frozenset(models)
+        self.models = set(models)  # the exports folder's model names; a reload adds the new ones
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("digitserve_http_requests",
@@ -51,8 +51,11 @@ class Metrics:
                             "Inference requests answered 503 at once: the process was at --max-queue.", registry=r)
         self.in_flight = Gauge("digitserve_requests_in_progress", "Inference requests admitted and not yet answered.",
                                multiprocess_mode="livesum", registry=r)
-        self.model_info = Gauge("digitserve_model_info", "1 for each model in the exports folder: its status "
-                                "(ready or unavailable) and where it runs.",
+        self.reloads = Counter("digitserve_model_reloads", "Model versions served, rejected (their reason is in "
+                               "the log and /models/NAME) and removed, per HTTP process's reload.",
+                               ["model", "event"], registry=r)
+        self.model_info = Gauge("digitserve_model_info", "1 for each model in the exports folder: the version "
+                                "served, its status (ready or unavailable) and where it runs.",
                                 ["model", "version", "status", "device", "provider"],
                                 multiprocess_mode="livemax", registry=r)
 

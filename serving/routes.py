@@ -26,6 +26,7 @@ from serving import images, schemas, test_data, v2
 from serving.errors import InputError, Overloaded, ServiceError
 from serving.http_helpers import AUTH, error_response, read_body, service_of
 from serving.metrics import CONTENT_TYPE
+from serving.inference import ServedModel
 from serving.service import MAX_IMAGES_PER_REQUEST, Service
 
 PAGE = (Path(__file__).parent / "static" / "index.html").read_text()
@@ -37,7 +38,7 @@ DOCS_FILES = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     service: Service = app.state.service
-    service.start()
+    await service.start()
     try:
         yield
     finally:
@@ -60,7 +61,7 @@ async def ready(request: Request):
     service = service_of(request)
     if not service.ready:
         return error_response(503, "models are still loading")
-    return {"status": "ready", "models": sorted(service.ready_models)}
+    return {"status": "ready", "models": sorted(service.catalog.served)}
 
 
 @router.get("/metrics", tags=["operations"], response_class=PlainTextResponse,
@@ -126,18 +127,18 @@ async def predict(request: Request):
                              for name in ("model", "invert", "resize"))
     async with service.admitted():
         items = await service.prepare(inputs, model, invert, bool(resize))
-        request.state.model = items[0][0]
+        request.state.model = items[0][0].name
         log_probs, batch_images = await service.infer(items)
-    return {"predictions": [prediction(service, label, name, rows, batch_images, array if kind == "bytes" else None)
-                            for (label, kind, _), (name, array), rows in zip(inputs, items, log_probs)]}
+    return {"predictions": [prediction(label, served, rows, batch_images, array if kind == "bytes" else None)
+                            for (label, kind, _), (served, array), rows in zip(inputs, items, log_probs)]}
 
 
-def prediction(service: Service, label: str, name: str, log_probs: np.ndarray, batch_images: int,
+def prediction(label: str, served: ServedModel, log_probs: np.ndarray, batch_images: int,
                decoded: np.ndarray | None) -> dict:
-    """One input's answer; `decoded`: what the model saw, for uploaded images (a pixels[] entry is
-    what the client sent)."""
+    """One input's answer, naming the version that gave it; `decoded`: what the model saw, for uploaded
+    images (a pixels[] entry is what the client sent)."""
     probabilities = np.exp(log_probs.astype(np.float64))
-    answer = {"input": label, "model": name, "version": service.entries[name].manifest["version"],
+    answer = {"input": label, "model": served.name, "version": served.version,
               "label": int(np.argmax(log_probs)), "probabilities": [round(float(p), 6) for p in probabilities],
               "batch_size": batch_images}
     if decoded is not None:
@@ -198,21 +199,25 @@ def parse_json(body: bytes) -> tuple[list, dict]:
             summary="Every model with its status, device, input spec and held-out test metrics")
 async def list_models(request: Request):
     service = service_of(request)
-    return {"backend": service.config.backend, "models": [service.summary(name) for name in service.entries]}
+    catalog = service.catalog
+    return {"backend": service.config.backend, "models": [service.summary(name, catalog) for name in catalog.names]}
 
 
 @router.get("/models/{name}", dependencies=AUTH, responses=schemas.ERROR_RESPONSES, tags=["models"],
-            summary="The full manifest (with validation curves) and a link to its curves image")
+            summary="The full manifest (with validation curves), a link to its curves image, and the versions "
+                    "served and rejected since start-up")
 async def get_model(name: str, request: Request):
     service = service_of(request)
-    entry = service.model(name)
-    return {**service.summary(name), "manifest": entry.manifest, "curves_url": f"/models/{name}/curves.png"}
+    catalog = service.catalog
+    served = catalog.model(name)
+    return {**service.summary(name, catalog), "manifest": served.manifest, "curves_url": f"/models/{name}/curves.png",
+            "history": list(service.lifecycle.history[name])}
 
 
 @router.get("/models/{name}/curves.png", dependencies=AUTH, responses=schemas.ERROR_RESPONSES, tags=["models"],
             response_class=FileResponse, summary="Validation curves with the test value dashed")
 async def get_curves(name: str, request: Request):
-    entry = service_of(request).model(name)
+    entry = service_of(request).catalog.model(name).entry
     return FileResponse(entry.file(entry.manifest["curves"]), media_type="image/png")
 
 
@@ -221,18 +226,30 @@ async def get_curves(name: str, request: Request):
              summary="Run the held-out test split through the served backend now (SVHN: from --data-dir)")
 async def evaluate(name: str, request: Request):
     service = service_of(request)
-    entry = service.model(name)
-    x, y = await asyncio.to_thread(test_data.load, entry, service.config.data_dir)
+    served = service.catalog.model(name)
+    x, y = await asyncio.to_thread(test_data.load, served.entry, service.config.data_dir)
     started = time.perf_counter()
     log_probs = []
     async with service.admitted():
         for start in range(0, len(y), MAX_IMAGES_PER_REQUEST):
             chunk = x[start:start + MAX_IMAGES_PER_REQUEST]
-            log_probs += (await service.infer([(name, array) for array in chunk]))[0]
-    served = contract.test_metrics(np.stack(log_probs), y)
-    recorded = {k: entry.manifest["metrics"]["test"][k] for k in ("nll", "error", "errors", "n")}
-    return {"model": name, "backend": service.config.backend, "served": served, "manifest": recorded,
-            "agrees": contract.reproduces(served, recorded), "seconds": round(time.perf_counter() - started, 4)}
+            log_probs += (await service.infer([(served, array) for array in chunk]))[0]
+    measured = contract.test_metrics(np.stack(log_probs), y)
+    recorded = {k: served.manifest["metrics"]["test"][k] for k in ("nll", "error", "errors", "n")}
+    return {"model": name, "version": served.version, "backend": service.config.backend, "served": measured,
+            "manifest": recorded, "agrees": contract.reproduces(measured, recorded),
+            "seconds": round(time.perf_counter() - started, 4)}
+
+
+@router.post("/models/reload", dependencies=AUTH, response_model=schemas.ReloadResponse, tags=["models"],
+             summary="Follow the exports folder now: serve new and changed models once verified, drop removed ones")
+async def reload_models(request: Request):
+    """This process reloads before answering, and every other HTTP process is asked to at once. A
+    version that fails its checks is listed as rejected with the reason; the one before it keeps
+    answering."""
+    service = service_of(request)
+    changes = await service.reload()
+    return {"changes": changes, "models": sorted(service.catalog.served)}
 
 
 # --- errors: every one as {"error": ...} with its status ---

@@ -51,7 +51,7 @@ class DataRecord(BaseModel):
 
 class ModelSummary(BaseModel):
     name: str
-    status: str = Field(description="ready | loading | unavailable")
+    status: str = Field(description="ready | unavailable")
     reason: str | None = Field(None, description="why the model is unavailable")
     task: str | None = None
     version: str | None = None
@@ -62,6 +62,9 @@ class ModelSummary(BaseModel):
     device: str | None = Field(None, description="cuda | cpu: where this process runs the model")
     provider: str | None = Field(None, description="the ONNX Runtime execution provider, or the torch version")
     test: TestMetrics | None = None
+    verified: dict | None = Field(None, description="this process's run of the test split through the served "
+                                  "artifact before serving it: reproduced true with its figures, or null with the "
+                                  "reason it could not be run")
     best_epoch: int | None = None
     epochs_run: int | None = None
 
@@ -73,11 +76,26 @@ class ModelsResponse(BaseModel):
 
 class EvaluateResponse(BaseModel):
     model: str
+    version: str
     backend: str
     served: TestMetrics
     manifest: TestMetrics
     agrees: bool = Field(description="same error count and NLL within 1e-4 of the manifest's")
     seconds: float
+
+
+class ModelEvent(BaseModel):
+    model: str
+    at: str
+    event: str = Field(description="served | rejected | removed")
+    version: str | None = None
+    reason: str | None = Field(None, description="why the version was rejected")
+    note: str | None = Field(None, description="why a served version is unverified")
+
+
+class ReloadResponse(BaseModel):
+    changes: list[ModelEvent] = Field(description="what this process's reload changed")
+    models: list[str] = Field(description="the models this process serves now")
 
 
 class ErrorResponse(BaseModel):

@@ -13,6 +13,7 @@ LitServe also always starts a worker process for its LitAPI, fed by a multiproce
 queue. digitserve's requests never take that path (serving/batcher.py says why), so the LitAPI
 here loads nothing: that worker holds no model and no GPU memory.
 """
+import asyncio
 import ctypes
 import logging
 import multiprocessing
@@ -51,6 +52,7 @@ class IdleLitAPI(ls.LitAPI):
         # Ctrl-C signals the whole process group; if this spawned worker died of it first, LitServe
         # would report a crash and race the main process's orderly shutdown, which ends it by SIGTERM.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the HTTP processes' business
         die_with_parent()
 
     def predict(self, x):
@@ -72,9 +74,11 @@ class HttpProcesses:
     LitServe 0.2.19 replaces a dead worker of its own (restart_workers) but not a dead HTTP process:
     the port would stay open with less capacity, or none. So a dead one stops the whole server, which
     exits 1 within seconds for its supervisor (Kubernetes, Docker, systemd) to restart it. Each HTTP
-    process records its pid at start-up, through a router whose only job is that lifespan."""
+    process records its pid at start-up, through a router whose only job is that lifespan, and
+    reloads its models on SIGHUP (which the main process forwards to every one)."""
 
-    def __init__(self, count: int):
+    def __init__(self, count: int, reload):
+        self.reload = reload               # coroutine function: follow the exports folder now
         self.pids = multiprocessing.get_context("fork").Array("i", count)  # shared before LitServe forks
         self.started = threading.Event()   # every HTTP process is up: LitServe waits in its main loop
         self.stop_pending = False          # a stop asked for before that, delivered once started
@@ -88,7 +92,19 @@ class HttpProcesses:
             free = [i for i, pid in enumerate(self.pids) if pid == 0]
             if free:
                 self.pids[free[0]] = os.getpid()
+        loop, reloads = asyncio.get_running_loop(), set()
+
+        def reload_soon():
+            task = loop.create_task(self.reload())
+            reloads.add(task)  # held until done: the loop keeps only weak references to tasks
+            task.add_done_callback(reloads.discard)
+        loop.add_signal_handler(signal.SIGHUP, reload_soon)
         yield
+
+    def forward_reload(self) -> None:
+        """In the main process: every HTTP process, reload (SIGHUP to it)."""
+        for pid in self.running():
+            os.kill(pid, signal.SIGHUP)
 
     def running(self) -> list[int]:
         return [pid for pid in self.pids if pid]
@@ -186,7 +202,9 @@ def server_socket(fd: int, port: int) -> bool:
 def build(config: Config) -> tuple[ls.LitServer, Service, HttpProcesses]:
     """The LitServer with the digitserve routes; raises service.StartupError."""
     service = Service(config)
-    processes = HttpProcesses(config.workers)
+    processes = HttpProcesses(config.workers, service.lifecycle.reload)
+    main_pid = os.getpid()
+    service.notify_other_processes = lambda: os.kill(main_pid, signal.SIGHUP)  # which forwards it to them all
     server = ls.LitServer(
         IdleLitAPI(api_path=API_PATH),
         accelerator="cpu",  # LitServe's worker does nothing: no device of its own, no CUDA context
@@ -271,7 +289,7 @@ def run(server: ls.LitServer, service: Service, processes: HttpProcesses) -> int
             for pid in processes.running():  # LitServe stops them one after another, 7 s each at worst
                 os.kill(pid, signal.SIGTERM)
             raise KeyboardInterrupt
-        if service.classifier is None:
+        if os.getpid() not in processes.running():
             return  # LitServe's queue manager (forked before any HTTP process started): LitServe stops it last
         # An HTTP process: uvicorn caught the signal, drained, and raised it again. End quietly (the
         # default prints a KeyboardInterrupt traceback) and ignore the SIGTERM the main process may
@@ -280,8 +298,13 @@ def run(server: ls.LitServer, service: Service, processes: HttpProcesses) -> int
             signal.signal(name, signal.SIG_IGN)
         sys.exit(0)
 
+    def forward_reload(signum, frame):  # `kill -HUP` to the server, or POST /models/reload in any HTTP process
+        if os.getpid() == main_pid:
+            processes.forward_reload()
+
     signal.signal(signal.SIGTERM, stop_gracefully)
     signal.signal(signal.SIGINT, stop_gracefully)
+    signal.signal(signal.SIGHUP, forward_reload)
     allow_many_connections(config.max_connections)
     return_freed_memory()  # before LitServe forks: the HTTP processes inherit it
     processes.watch()

@@ -1,13 +1,13 @@
-"""What every route shares: the checked exports, routing by image size, the API key, and this
-process's models, batcher and metrics.
+"""What every route shares: routing by image size, the API key, admission, and this process's
+models (serving/lifecycle.py), batcher and metrics.
 
-One Service is built in the main process (exports checked, every model test-loaded on the CPU, so a
-broken one is unavailable before anything forks); each HTTP process then loads its own copy of the
-models and starts its batcher in `start()`, run by the routes' lifespan.
+One Service is built in the main process (exports checked, every model test-loaded on the CPU, so
+that a broken one is reported and an unusable folder refused before anything forks); each HTTP
+process then loads, warms and verifies its own versions of the models and starts its batcher in
+`start()`, run by the routes' lifespan, and keeps them in line with the exports folder.
 """
 import asyncio
 import hmac
-import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -19,11 +19,11 @@ from serving import images, registry, test_data
 from serving.backends import BACKENDS, BackendError
 from serving.batcher import DynamicBatcher
 from serving.config import Config
-from serving.errors import InputError, ModelNotFound, ModelUnavailable, Overloaded, Unauthorized
-from serving.inference import Classifier
+from serving.errors import InputError, Overloaded, Unauthorized
+from serving.inference import LoadError, ServedModel, load_runner
+from serving.lifecycle import Catalog, Lifecycle
 from serving.metrics import Metrics, multiprocess_dir
 
-log = logging.getLogger("digitserve")
 
 MAX_IMAGES_PER_REQUEST = 256
 # All uploads of one request together, counted from their headers before any is decoded: one
@@ -56,58 +56,40 @@ class Service:
         if config.data_dir is not None and (problem := test_data.mat_reader_problem()):
             raise StartupError(problem)
         # Every model loads here (on the CPU, without running) before anything forks: one that
-        # cannot is unavailable with its reason, and the others still serve.
-        self.mark_unavailable(Classifier(self.artifacts(), config.backend, "cpu").load(warm=False))
-        if not self.ready_models:
+        # cannot is reported unavailable with its reason, and the others still serve.
+        for entry in self.entries.values():
+            if entry.available:
+                try:
+                    load_runner(entry, config.backend, "cpu", warm=False)
+                except LoadError as err:
+                    entry.error = str(err)
+        if not any(e.available for e in self.entries.values()):
             reasons = "; ".join(f"{name}: {e.error}" for name, e in self.entries.items()) or "the folder is empty"
             raise StartupError(f"no usable model in {config.exports} ({reasons})")
-        # One input spec per image shape: 8x8 grayscale -> digits models, 32x32 RGB -> SVHN models.
-        self.task_specs, self.defaults = {}, {}  # task -> input spec; task -> default model name
-        for name, entry in self.ready_models.items():
-            task = entry.manifest["task"]
-            self.task_specs.setdefault(task, entry.manifest["input"])
-            if task not in self.defaults or name == f"{task}-cnn":
-                self.defaults[task] = name
-        self.accepted_sizes = [images.spec_size(spec) for spec in self.task_specs.values()]
         self.metrics = Metrics(models=self.entries)
-        self.classifier: Classifier | None = None
+        self.lifecycle = Lifecycle(config, self.device, self.metrics)
         self.batcher: DynamicBatcher | None = None
         self.decoders: ThreadPoolExecutor | None = None
         self.in_progress = 0  # inference requests this process has admitted and not yet answered
+        self.notify_other_processes = None  # set by serving/server.py: asks every HTTP process to reload
 
     @property
-    def ready_models(self) -> dict[str, registry.ModelEntry]:
-        return {name: e for name, e in self.entries.items() if e.available}
-
-    def artifacts(self) -> dict[str, dict]:
-        return {name: {"path": str(e.artifact_path(self.config.backend)), "input": e.manifest["input"]}
-                for name, e in self.ready_models.items()}
-
-    def mark_unavailable(self, reasons: dict[str, str]) -> None:
-        for name, reason in reasons.items():
-            self.entries[name].error = reason
+    def catalog(self) -> Catalog:
+        """The model versions this process serves now: take it once per request."""
+        return self.lifecycle.catalog
 
     # --- life in one HTTP process ---
 
-    def start(self) -> None:
-        """Load and warm this process's models on their device, then batch (before it accepts connections)."""
-        self.classifier = Classifier(self.artifacts(), self.config.backend, self.device)
-        failed = self.classifier.load()
-        for name, reason in failed.items():
-            log.error("model %s unavailable in process %d: %s", name, os.getpid(), reason)
-        self.mark_unavailable(failed)
-        placement = self.classifier.placement()
-        for name, entry in self.entries.items():
-            where = placement.get(name, {"device": "", "provider": ""})
-            version = entry.manifest["version"] if entry.manifest else ""
-            self.metrics.model_info.labels(name, version, "ready" if name in placement else "unavailable",
-                                           where["device"], where["provider"]).set(1)
+    async def start(self) -> None:
+        """Load, warm and verify this process's models on their device, then batch (before it accepts
+        connections); from then on follow the exports folder."""
+        await self.lifecycle.start()
         self.decoders = ThreadPoolExecutor(max_workers=decoder_threads(), thread_name_prefix="decode")
-        self.batcher = DynamicBatcher(self.classifier, self.metrics, self.config.max_batch_size,
-                                      self.config.batch_timeout)
+        self.batcher = DynamicBatcher(self.metrics, self.config.max_batch_size, self.config.batch_timeout)
         self.batcher.start()
 
     async def stop(self) -> None:
+        self.lifecycle.stop()
         if self.batcher is not None:
             await self.batcher.stop()
         if self.decoders is not None:
@@ -120,14 +102,11 @@ class Service:
         """This process's models are warm and its batcher is running."""
         return self.batcher is not None and self.batcher.ready
 
-    def status(self, name: str) -> str:
-        if not self.entries[name].available:
-            return "unavailable"
-        return "ready" if self.ready else "loading"
-
-    def placement(self, name: str) -> dict:
-        where = self.classifier.placement().get(name) if self.classifier else None
-        return where or {"device": self.device, "provider": None}
+    async def reload(self) -> list[dict]:
+        """Follow the exports folder now, here and (through the main process) in every HTTP process."""
+        if self.notify_other_processes is not None:
+            self.notify_other_processes()
+        return await self.lifecycle.reload()
 
     # --- requests ---
 
@@ -140,19 +119,6 @@ class Service:
             supplied = authorization[7:]
         if supplied is None or not hmac.compare_digest(supplied.encode(), self.config.api_key.encode()):
             raise Unauthorized("missing or wrong API key (X-API-Key header or Authorization: Bearer)")
-
-    def model(self, name: str) -> registry.ModelEntry:
-        entry = self.entries.get(name)
-        if entry is None:
-            raise ModelNotFound(f"unknown model {name!r}; known: {', '.join(sorted(self.entries))}")
-        if not entry.available:
-            raise ModelUnavailable(f"model {name!r} is unavailable: {entry.error}")
-        return entry
-
-    def default_model(self, task: str) -> registry.ModelEntry:
-        if task not in self.defaults:
-            raise InputError(f"no {task} model is served for this image size", 422)
-        return self.model(self.defaults[task])  # 503 if it failed to load in this process
 
     @asynccontextmanager
     async def admitted(self):
@@ -173,8 +139,9 @@ class Service:
             self.metrics.in_flight.dec()
 
     async def prepare(self, inputs: list[tuple[str, str, object]], model: str | None, invert: bool | None,
-                      resize: bool) -> list[tuple[str, np.ndarray]]:
-        """Every input of one request -> (model name, model-ready array).
+                      resize: bool) -> list[tuple[ServedModel, np.ndarray]]:
+        """Every input of one request -> (the model version that answers it, model-ready array), all
+        from one catalog: a reload meanwhile does not split a request between versions.
 
         `invert`: the image is dark ink on light (None: resize=true detects it, exact sizes take it as no).
 
@@ -185,8 +152,9 @@ class Service:
             raise InputError("no image: upload files, or send images[] or pixels[] as JSON", 422)
         if len(inputs) > MAX_IMAGES_PER_REQUEST:
             raise InputError(f"{len(inputs)} images in one request; the limit is {MAX_IMAGES_PER_REQUEST}", 413)
+        catalog = self.catalog
         if model is not None:
-            self.model(model)
+            catalog.model(model)
         opened = [(kind, images.open_image(value) if kind == "bytes" else value) for _, kind, value in inputs]
         pixels = sum(value.size[0] * value.size[1] for kind, value in opened if kind == "bytes")
         if pixels > MAX_REQUEST_PIXELS:
@@ -194,70 +162,73 @@ class Service:
                              f"{MAX_REQUEST_PIXELS})", 413)
         arrays = sum(1 for kind, _ in opened if kind == "pixels")
         if pixels <= INLINE_PIXELS and arrays <= INLINE_ARRAYS:
-            return self.decode_all(opened, model, invert, resize)
-        return await asyncio.get_running_loop().run_in_executor(self.decoders, self.decode_all, opened, model,
-                                                                invert, resize)
+            return self.decode_all(catalog, opened, model, invert, resize)
+        return await asyncio.get_running_loop().run_in_executor(self.decoders, self.decode_all, catalog, opened,
+                                                                model, invert, resize)
 
-    def decode_all(self, opened, model, invert, resize) -> list[tuple[str, np.ndarray]]:
-        return [self.prepare_image(value, model, invert, resize) if kind == "bytes" else
-                self.prepare_pixels(value, model, invert) for kind, value in opened]
+    def decode_all(self, catalog: Catalog, opened, model, invert, resize) -> list[tuple[ServedModel, np.ndarray]]:
+        return [self.prepare_image(catalog, value, model, invert, resize) if kind == "bytes" else
+                self.prepare_pixels(catalog, value, model, invert) for kind, value in opened]
 
-    def prepare_image(self, image, model: str | None, invert: bool | None, resize: bool) -> tuple[str, np.ndarray]:
-        entry = self.model(model) if model is not None else self.route_by_size(image, resize)  # 422 before decoding
-        image = images.decode(image)
-        if model is None and self.grey_photo_for_svhn(entry, image):
-            entry = self.default_model("digits")  # a scan or a drawing saved as RGB (JPEG, a canvas PNG)
-        spec = entry.manifest["input"]
+    def prepare_image(self, catalog: Catalog, image, model: str | None, invert: bool | None,
+                      resize: bool) -> tuple[ServedModel, np.ndarray]:
+        served = catalog.model(model) if model is not None else self.route_by_size(catalog, image, resize)
+        image = images.decode(image)  # after routing: a size no model takes is 422 before decoding
+        if model is None and self.grey_photo_for_svhn(catalog, served, image):
+            served = catalog.default_model("digits")  # a scan or a drawing saved as RGB (JPEG, a canvas PNG)
+        spec = served.manifest["input"]
         pixels = images.to_gray_or_rgb(image, spec["color"])
         if pixels.shape[:2] == images.spec_size(spec):
-            return entry.name, images.model_input(pixels, spec, bool(invert))
+            return served, images.model_input(pixels, spec, bool(invert))
         if not resize:
-            raise images.size_error(pixels.shape[1], pixels.shape[0], self.accepted_sizes)
-        return entry.name, images.fitted_input(pixels, spec, invert)
+            raise images.size_error(pixels.shape[1], pixels.shape[0], catalog.accepted_sizes)
+        return served, images.fitted_input(pixels, spec, invert)
 
-    def prepare_pixels(self, value, model: str | None, invert: bool | None) -> tuple[str, np.ndarray]:
-        task, array = images.pixels_array(value, self.task_specs, bool(invert))
-        entry = self.model(model) if model else self.default_model(task)
-        if entry.manifest["task"] != task:
-            raise InputError(f"model {entry.name!r} takes {entry.manifest['task']} inputs, not {task}", 422)
-        return entry.name, array
+    def prepare_pixels(self, catalog: Catalog, value, model: str | None,
+                       invert: bool | None) -> tuple[ServedModel, np.ndarray]:
+        task, array = images.pixels_array(value, catalog.task_specs, bool(invert))
+        served = catalog.model(model) if model else catalog.default_model(task)
+        if served.manifest["task"] != task:
+            raise InputError(f"model {served.name!r} takes {served.manifest['task']} inputs, not {task}", 422)
+        return served, array
 
-    def route_by_size(self, image, resize: bool) -> registry.ModelEntry:
+    def route_by_size(self, catalog: Catalog, image, resize: bool) -> ServedModel:
         width, height = image.size
-        for task, spec in self.task_specs.items():
+        for task, spec in catalog.task_specs.items():
             if images.spec_size(spec) == (height, width):
-                return self.default_model(task)
+                return catalog.default_model(task)
         if resize:  # no exact match: colour photos go to SVHN when served, the rest (and grey RGB: prepare_image) to digits
-            colour = image.mode not in images.GREY_MODES and "svhn" in self.defaults
-            return self.default_model("svhn" if colour or "digits" not in self.defaults else "digits")
-        raise images.size_error(width, height, self.accepted_sizes)
+            colour = image.mode not in images.GREY_MODES and "svhn" in catalog.defaults
+            return catalog.default_model("svhn" if colour or "digits" not in catalog.defaults else "digits")
+        raise images.size_error(width, height, catalog.accepted_sizes)
 
-    def grey_photo_for_svhn(self, entry: registry.ModelEntry, image) -> bool:
+    @staticmethod
+    def grey_photo_for_svhn(catalog: Catalog, served: ServedModel, image) -> bool:
         """A resized RGB upload routed to SVHN that has no colour, while digits are served."""
-        return (entry.manifest["task"] == "svhn" and "digits" in self.defaults
-                and images.spec_size(entry.manifest["input"]) != (image.height, image.width) and images.looks_grey(image))
+        return (served.manifest["task"] == "svhn" and "digits" in catalog.defaults
+                and images.spec_size(served.manifest["input"]) != (image.height, image.width)
+                and images.looks_grey(image))
 
-    async def infer(self, items: list[tuple[str, np.ndarray]]) -> tuple[list[np.ndarray], int]:
+    async def infer(self, items: list[tuple[ServedModel, np.ndarray]]) -> tuple[list[np.ndarray], int]:
         """Queue one request's arrays; they may share an inference call with other requests'.
         Returns the log-probabilities per item and the number of images in that call."""
         log_probs, batch_images = await self.batcher.submit(items)
-        for name in {name for name, _ in items}:
-            count = sum(1 for n, _ in items if n == name)
-            self.metrics.images.labels(name, self.entries[name].manifest["version"]).inc(count)
+        for model in {model for model, _ in items}:
+            self.metrics.images.labels(model.name, model.version).inc(sum(1 for m, _ in items if m is model))
         return log_probs, batch_images
 
     # --- descriptions ---
 
-    def summary(self, name: str) -> dict:
-        entry = self.entries[name]
-        if not entry.available:
-            return {"name": name, "status": "unavailable", "reason": entry.error}
-        m = entry.manifest
-        default_for = next((f"{w}x{h}" for task, default in self.defaults.items() if default == name
+    def summary(self, name: str, catalog: Catalog) -> dict:
+        if name not in catalog.served:
+            return {"name": name, "status": "unavailable", "reason": catalog.unavailable[name]}
+        served = catalog.served[name]
+        m = served.manifest
+        default_for = next((f"{w}x{h}" for task, default in catalog.defaults.items() if default == name
                             for h, w in [images.spec_size(m["input"])]), None)
         test = m["metrics"]["test"]
-        return {"name": name, "status": self.status(name), "task": m["task"], "version": m["version"],
+        return {"name": name, "status": "ready", "task": m["task"], "version": m["version"],
                 "summary": m.get("summary"), "data": m.get("data"), "default_for": default_for, "input": m["input"],
-                **self.placement(name),
-                "test": {k: test[k] for k in ("nll", "error", "errors", "n")},
+                "device": served.runner.device, "provider": served.runner.provider,
+                "test": {k: test[k] for k in ("nll", "error", "errors", "n")}, "verified": served.verified,
                 "best_epoch": m["metrics"]["best_epoch"], "epochs_run": m["metrics"]["epochs_run"]}

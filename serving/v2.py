@@ -4,9 +4,10 @@ import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
-from serving import images, registry, schemas
+from serving import images, schemas
 from serving.errors import InputError
 from serving.http_helpers import AUTH, error_response, read_body, service_of
+from serving.inference import ServedModel
 from serving.service import MAX_IMAGES_PER_REQUEST
 
 DATATYPES = {"FP32": np.float32, "UINT8": np.uint8}
@@ -17,9 +18,9 @@ INFER_BODY = {"requestBody": {"required": True, "content": {
 router = APIRouter(prefix="/v2", tags=["v2"])
 
 
-def served(request: Request, name: str) -> registry.ModelEntry:
-    """The model, or 404 naming the known ones, or 503 saying why it is unavailable."""
-    return service_of(request).model(name)
+def served(request: Request, name: str) -> ServedModel:
+    """The model's served version, or 404 naming the known ones, or 503 saying why it is unavailable."""
+    return service_of(request).catalog.model(name)
 
 
 @router.get("", summary="Server metadata")
@@ -60,7 +61,7 @@ async def model_ready(name: str, request: Request):
              responses=schemas.ERROR_RESPONSES, openapi_extra=INFER_BODY,
              summary="Infer on an FP32 or UINT8 tensor N x C x H x W (row-major data)")
 async def infer(name: str, request: Request):
-    entry = served(request, name)
+    model = served(request, name)
     request.state.model = name
     body = await read_body(request)
     try:
@@ -71,13 +72,13 @@ async def infer(name: str, request: Request):
                          400) from None
     if len(infer_request.inputs) != 1:
         raise InputError(f"expected exactly one input tensor, got {len(infer_request.inputs)}", 400)
-    array = tensor_array(infer_request.inputs[0], entry.manifest["input"])
+    array = tensor_array(infer_request.inputs[0], model.manifest["input"])
     service = service_of(request)
     async with service.admitted():
-        log_probs, _ = await service.infer([(name, row) for row in array])
+        log_probs, _ = await service.infer([(model, row) for row in array])
     log_probs = np.stack(log_probs).astype(np.float32)
-    return {"model_name": name, "model_version": entry.manifest["version"], "id": infer_request.id,
-            "outputs": [{"name": entry.manifest["output"]["name"], "shape": list(log_probs.shape),
+    return {"model_name": name, "model_version": model.version, "id": infer_request.id,
+            "outputs": [{"name": model.manifest["output"]["name"], "shape": list(log_probs.shape),
                          "datatype": "FP32", "data": log_probs.ravel().tolist()}]}
 
 

@@ -25,3 +25,13 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 240, env: dict | None
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def retrained(tmp_path_factory) -> Path:
+    """A retrained digits-mlp export (another seed, a few epochs): a new version whose manifest is true."""
+    import torch
+    from training.train import train_digits
+    run_dir, _ = train_digits("mlp", seed=1, max_epochs=3, patience=3, device=torch.device("cpu"),
+                              out=tmp_path_factory.mktemp("runs"), progress=False)
+    return run_dir / "export" / "digits-mlp"

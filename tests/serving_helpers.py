@@ -1,6 +1,7 @@
 """The service in-process (route tests) or as a real server on a loopback port (process tests), and a
 tiny SVHN-shaped export for 32x32 tests."""
 import io
+import json
 import os
 import shutil
 import signal
@@ -148,3 +149,25 @@ def copy_committed(exports: Path, *names: str) -> None:
     exports.mkdir(parents=True, exist_ok=True)
     for name in names:
         shutil.copytree(ROOT / "exports" / name, exports / name)
+
+
+def tampered(source: Path, staging: Path, change) -> Path:
+    """A copy of an export with `change(folder)` applied, ready to publish."""
+    folder = staging / source.name
+    shutil.copytree(source, folder)
+    change(folder)
+    return folder
+
+
+def flip_last_byte(folder: Path) -> None:
+    """The ONNX artifact no longer matches the sha256 in the manifest."""
+    data = bytearray((folder / "model.onnx").read_bytes())
+    data[-1] ^= 0xFF
+    (folder / "model.onnx").write_bytes(bytes(data))
+
+
+def claim_fewer_errors(folder: Path) -> None:
+    """Every hash matches, but the manifest claims test figures its artifact does not reproduce."""
+    manifest = json.loads((folder / "model.json").read_text())
+    manifest["metrics"]["test"]["errors"] -= 1
+    (folder / "model.json").write_text(json.dumps(manifest))

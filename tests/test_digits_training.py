@@ -1,5 +1,7 @@
 import argparse
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -84,6 +86,31 @@ def test_atomic_folder_leaves_nothing_on_failure(tmp_path):
             (staging / "model.pt").write_text("partial")
             raise RuntimeError("crash mid-write")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_folder_replaces_a_folder_without_a_moment_when_it_is_missing(tmp_path):
+    """A server polling the exports folder must never find a published model missing (it would stop
+    serving it): the replacement is one exchange of the two folders, seen by a watcher thread."""
+    final = tmp_path / "digits-cnn"
+    final.mkdir()
+    (final / "model.json").write_text("old")
+    missing, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            if not final.is_dir():
+                missing.append(time.monotonic())
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for round_ in range(50):
+            with atomic_folder(final) as staging:
+                (staging / "model.json").write_text(f"new {round_}")
+    finally:
+        stop.set()
+        watcher.join()
+    assert not missing and (final / "model.json").read_text() == "new 49"
+    assert [p.name for p in tmp_path.iterdir()] == ["digits-cnn"]  # no staging or retired folder left
 
 
 def test_cli_single_run_writes_complete_run_folder(cli, tmp_path):

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import export_contract as contract
 from export_contract import svhn_mat
 from serving import images as image_preprocessing
+from serving import inference
 from serving_helpers import build_svhn_export, copy_committed, in_process, png, png_chunk, saved, synthetic_svhn
 from training import digits
 
@@ -556,9 +557,8 @@ def test_files_an_export_serves_must_be_regular_files_inside_it(tmp_path):
 
 def test_a_full_queue_sheds_requests_at_once_with_retry_after(exports, monkeypatch):
     with in_process(exports, max_queue=2) as c:
-        classifier = c.app.state.service.classifier
-        predict = classifier.predict
-        monkeypatch.setattr(classifier, "predict", lambda requests: (time.sleep(0.3), predict(requests))[1])
+        predict = inference.predict
+        monkeypatch.setattr(inference, "predict", lambda requests: (time.sleep(0.3), predict(requests))[1])
         body = {"model": "digits-cnn", "pixels": [np.zeros((8, 8)).tolist()]}
         with ThreadPoolExecutor(8) as pool:
             responses = list(pool.map(lambda _: c.post("/predict", json=body), range(8)))
@@ -574,21 +574,21 @@ def test_a_file_where_an_option_belongs_is_a_client_error(client):
     assert response.status_code == 422 and "'invert' must be a value, not a file" in response.json()["error"]
 
 
-def test_a_default_model_that_fails_to_load_in_a_process_is_503_not_500(exports, monkeypatch):
-    from serving.inference import Classifier
-    real_load = Classifier.load
+def test_a_model_that_fails_to_load_in_a_process_is_503_and_its_task_falls_to_another(exports, monkeypatch):
+    from serving import lifecycle
+    from serving.inference import LoadError
 
-    def load_without_cnn(self, warm=True):
-        failed = real_load(self, warm)
-        if warm:  # in the HTTP process, after the start-up check passed
-            self.runners.pop("digits-cnn", None)
-            failed["digits-cnn"] = "CUDA ran out of memory (simulated)"
-        return failed
-    monkeypatch.setattr(Classifier, "load", load_without_cnn)
+    def load_without_cnn(entry, backend, device, warm=True):
+        if entry.name == "digits-cnn":  # in the HTTP process, after the start-up check passed
+            raise LoadError("CUDA ran out of memory (simulated)")
+        return real_load(entry, backend, device, warm)
+    real_load = lifecycle.load_runner
+    monkeypatch.setattr(lifecycle, "load_runner", load_without_cnn)
     with in_process(exports) as c:
-        response = c.post("/predict", json={"pixels": [np.zeros((8, 8)).tolist()]})
+        response = c.post("/predict", json={"model": "digits-cnn", "pixels": [np.zeros((8, 8)).tolist()]})
         assert response.status_code == 503 and "simulated" in response.json()["error"]
-        assert c.post("/predict", json={"model": "digits-mlp", "pixels": [np.zeros((8, 8)).tolist()]}).status_code == 200
+        answer = c.post("/predict", json={"pixels": [np.zeros((8, 8)).tolist()]})
+        assert answer.status_code == 200 and answer.json()["predictions"][0]["model"] == "digits-mlp"
         info = {s.labels["model"]: s.labels["status"] for f in text_string_to_metric_families(c.get("/metrics").text)
-                for s in f.samples if s.name == "digitserve_model_info"}
+                for s in f.samples if s.name == "digitserve_model_info" and s.value == 1}
         assert info["digits-cnn"] == "unavailable" and info["digits-mlp"] == "ready"

@@ -3,6 +3,8 @@
 Light to import (matplotlib loads when a plot is drawn): the command line checks folders with it
 before torch is imported."""
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import platform
@@ -26,25 +28,45 @@ def check_writable(folder: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_folder(final: Path):
-    """Yield a temporary sibling of `final`; rename it into place only if the block succeeds.
+    """Yield a temporary sibling of `final` (hidden: a server never reads it); rename it into place
+    only if the block succeeds.
 
-    A crash leaves no half-written folder under `final`'s name; an existing `final` is replaced.
+    A crash leaves no half-written folder under `final`'s name; an existing `final` is replaced in
+    one step where the filesystem can swap two folders, so that a server watching the folder never
+    finds it missing (it would stop serving that model until the next look).
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; others (a container's user) must read it
     try:
         yield staging
-        if final.exists():
+        if not final.exists():
+            staging.rename(final)
+        elif exchange(staging, final):
+            shutil.rmtree(staging)  # it holds the previous folder now
+        else:
             retired = staging.with_suffix(".old")
             final.rename(retired)
             staging.rename(final)
             shutil.rmtree(retired)
-        else:
-            staging.rename(final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system or the
+    filesystem cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
+    if renameat2 is None:
+        return False
+    at_cwd, rename_exchange = -100, 2
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def current_umask() -> int:

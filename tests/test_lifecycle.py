@@ -1,0 +1,194 @@
+"""Model lifecycle in one process (serving/lifecycle.py), in-process: a new version is served only once
+verified, a failing one is rejected while the previous keeps answering, a request is answered by one
+version, removed models leave. With a real server under load: tests/test_server_reload.py."""
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving import inference
+from serving_helpers import build_svhn_export, claim_fewer_errors, copy_committed, flip_last_byte, in_process, tampered
+from training.export import publish
+
+ZERO = {"pixels": [np.zeros((8, 8)).tolist()]}
+
+
+@pytest.fixture
+def exports(tmp_path):
+    copy_committed(tmp_path / "exports", "digits-cnn", "digits-mlp")
+    return tmp_path / "exports"
+
+
+def version_of(folder) -> str:
+    return json.loads((folder / "model.json").read_text())["version"]
+
+
+def answer(client, model="digits-mlp"):
+    response = client.post("/predict", json={**ZERO, "model": model})
+    return response.status_code, response.json()
+
+
+def reload(client) -> list[dict]:
+    response = client.post("/models/reload")
+    assert response.status_code == 200, response.text
+    return response.json()["changes"]
+
+
+def test_a_published_version_is_served_once_it_reproduces_its_test_figures(exports, retrained):
+    old = version_of(exports / "digits-mlp")
+    with in_process(exports, reload_interval=0) as c:
+        assert answer(c)[1]["predictions"][0]["version"] == old
+        assert reload(c) == []  # nothing changed
+        publish(retrained, exports)
+        (change,) = reload(c)
+        assert change["model"] == "digits-mlp" and change["event"] == "served"
+        assert change["version"] == version_of(retrained) != old
+        assert answer(c)[1]["predictions"][0]["version"] == change["version"]
+        detail = c.get("/models/digits-mlp").json()
+        assert detail["version"] == change["version"] and detail["verified"]["reproduced"] is True
+        assert [(e["event"], e["version"]) for e in detail["history"]] == [("served", old), ("served", change["version"])]
+
+
+@pytest.mark.parametrize("change, reason", [
+    (flip_last_byte, "model.onnx does not match the sha256 in its manifest"),
+    (claim_fewer_errors, "its manifest claims"),
+])
+def test_a_version_that_fails_its_checks_is_rejected_and_the_previous_keeps_answering(exports, tmp_path, retrained,
+                                                                                       change, reason):
+    old = version_of(exports / "digits-mlp")
+    with in_process(exports, reload_interval=0) as c:
+        publish(tampered(retrained, tmp_path, change), exports)
+        (event,) = reload(c)
+        assert event["event"] == "rejected" and reason in event["reason"]
+        status, body = answer(c)
+        assert status == 200 and body["predictions"][0]["version"] == old
+        detail = c.get("/models/digits-mlp").json()
+        assert detail["status"] == "ready" and detail["version"] == old
+        assert detail["history"][-1]["event"] == "rejected" and reason in detail["history"][-1]["reason"]
+        reloads = {s.labels["event"]: s.value for f in text_string_to_metric_families(c.get("/metrics").text)
+                   for s in f.samples if s.name == "digitserve_model_reloads_total" and s.labels["model"] == "digits-mlp"}
+        assert reloads == {"served": 1, "rejected": 1}
+        publish(retrained, exports)  # a good version after a rejected one
+        assert [e["event"] for e in reload(c)] == ["served"]
+        assert answer(c)[1]["predictions"][0]["version"] == version_of(retrained)
+
+
+def test_a_new_model_that_fails_is_unavailable_with_its_reason(exports, tmp_path, retrained):
+    with in_process(exports, reload_interval=0) as c:
+        folder = tampered(retrained, tmp_path, claim_fewer_errors)
+        manifest = json.loads((folder / "model.json").read_text())
+        manifest["name"] = "digits-extra"
+        (folder / "model.json").write_text(json.dumps(manifest))
+        publish(folder.rename(folder.with_name("digits-extra")), exports)
+        (event,) = reload(c)
+        assert event["model"] == "digits-extra" and event["event"] == "rejected"
+        status, body = answer(c, "digits-extra")
+        assert status == 503 and "its manifest claims" in body["error"]
+
+
+def test_a_removed_model_is_404_after_the_requests_it_holds_are_answered(exports, monkeypatch):
+    predict = inference.predict
+    started = threading.Event()
+
+    def slow_predict(requests):
+        started.set()
+        time.sleep(0.5)
+        return predict(requests)
+    with in_process(exports, reload_interval=0) as c:
+        version = version_of(exports / "digits-mlp")
+        monkeypatch.setattr(inference, "predict", slow_predict)
+        results = []
+        worker = threading.Thread(target=lambda: results.append(answer(c)))
+        worker.start()
+        assert started.wait(5)
+        shutil.rmtree(exports / "digits-mlp")  # while its request is in the backend
+        (event,) = reload(c)
+        worker.join(10)
+        assert event["event"] == "removed" and event["version"] == version
+        status, body = results[0]
+        assert status == 200 and body["predictions"][0]["version"] == version  # answered by what it was routed to
+        monkeypatch.setattr(inference, "predict", predict)
+        status, body = answer(c)
+        assert status == 404 and "unknown model 'digits-mlp'" in body["error"]
+        assert answer(c, "digits-cnn")[0] == 200
+        assert c.get("/models/digits-mlp").status_code == 404
+
+
+def test_a_request_is_answered_entirely_by_the_version_it_was_routed_to(exports, retrained, monkeypatch):
+    """A swap while a request's images are in the backend: every image of it comes from the old version."""
+    predict = inference.predict
+    started = threading.Event()
+
+    def slow_predict(requests):
+        started.set()
+        time.sleep(0.5)
+        return predict(requests)
+    images = [np.random.default_rng(i).uniform(0, 16, (8, 8)).tolist() for i in range(4)]
+    with in_process(exports, reload_interval=0) as c:
+        before = c.post("/predict", json={"model": "digits-mlp", "pixels": images}).json()["predictions"]
+        monkeypatch.setattr(inference, "predict", slow_predict)
+        results = []
+        worker = threading.Thread(target=lambda: results.append(
+            c.post("/predict", json={"model": "digits-mlp", "pixels": images}).json()["predictions"]))
+        worker.start()
+        assert started.wait(5)
+        publish(retrained, exports)
+        assert [e["event"] for e in reload(c)] == ["served"]
+        worker.join(10)
+        monkeypatch.setattr(inference, "predict", predict)
+        after = c.post("/predict", json={"model": "digits-mlp", "pixels": images}).json()["predictions"]
+    assert [p["version"] for p in results[0]] == [p["version"] for p in before]
+    assert [p["probabilities"] for p in results[0]] == [p["probabilities"] for p in before]
+    assert {p["version"] for p in after} == {version_of(retrained)}
+    assert [p["probabilities"] for p in after] != [p["probabilities"] for p in before]
+
+
+def test_the_folder_is_polled_and_hidden_folders_are_never_read(exports, retrained):
+    with in_process(exports, reload_interval=0.2) as c:
+        shutil.copytree(retrained, exports / ".digits-mlp.half-written.tmp")
+        (exports / ".digits-mlp.half-written.tmp" / "model.onnx").write_bytes(b"partial")
+        time.sleep(0.6)
+        assert c.get("/models/digits-mlp").json()["history"][-1]["event"] == "served"  # only start-up
+        assert len(c.get("/models/digits-mlp").json()["history"]) == 1
+        publish(retrained, exports)
+        deadline = time.monotonic() + 5
+        while answer(c)[1]["predictions"][0]["version"] != version_of(retrained):
+            assert time.monotonic() < deadline, "the poll did not pick the new version up within 5 s"
+            time.sleep(0.1)
+
+
+def test_an_exports_folder_briefly_away_unloads_nothing(exports):
+    with in_process(exports, reload_interval=0) as c:
+        exports.rename(exports.with_name("elsewhere"))
+        try:
+            assert reload(c) == []
+            assert answer(c)[0] == 200 and answer(c, "digits-cnn")[0] == 200
+        finally:
+            exports.with_name("elsewhere").rename(exports)
+
+
+def test_a_model_without_its_test_split_at_hand_is_served_marked_unverified(tmp_path):
+    test_file = {"file": "test_32x32.mat", "md5": "0" * 32, "n": 200}
+    build_svhn_export(tmp_path / "exports", "svhn-cnn", data={"name": "svhn", "description": "SVHN",
+                                                               "test_file": test_file})
+    with in_process(tmp_path / "exports") as c:
+        (model,) = c.get("/models").json()["models"]
+        assert model["status"] == "ready" and model["verified"]["reproduced"] is None
+        assert "--data-dir" in model["verified"]["reason"]
+        assert "--data-dir" in c.get("/models/svhn-cnn").json()["history"][0]["note"]
+
+
+def test_an_unexpected_failure_while_checking_rejects_that_version_only(exports, retrained, monkeypatch):
+    from serving import lifecycle
+    old = version_of(exports / "digits-mlp")
+    with in_process(exports, reload_interval=0) as c:
+        monkeypatch.setattr(lifecycle, "build", lambda *args: (_ for _ in ()).throw(RuntimeError("a bug")))
+        publish(retrained, exports)
+        (event,) = reload(c)
+        assert event["event"] == "rejected" and "unexpectedly (RuntimeError" in event["reason"]
+        assert answer(c)[1]["predictions"][0]["version"] == old
