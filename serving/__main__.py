@@ -2,6 +2,7 @@
 
 Settings come from flags and DIGITSERVE_* variables (serving/config.py); --help lists them.
 """
+import logging
 import os
 import shutil
 import sys
@@ -18,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     except settings.ConfigError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
+    # digitserve's own lines from INFO (which model version each process serves, on which device);
+    # the libraries' from WARNING.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("digitserve").setLevel(logging.INFO)
     # Every HTTP process counts into files here and /metrics sums them (prometheus_client's
     # multiprocess mode); it must be set before prometheus_client is first imported.
     metrics_dir = tempfile.mkdtemp(prefix="digitserve-metrics-")

@@ -203,7 +203,8 @@ class Lifecycle:
         self.history[name].append(entry)
         self.metrics.reloads.labels(name, event).inc()
         level = logging.ERROR if event == "rejected" else logging.INFO
-        log.log(level, "model %s version %s %s in process %d%s", name, version, event, os.getpid(),
+        where = f" on {model.runner.device} ({model.runner.provider})" if model is not None else ""
+        log.log(level, "model %s version %s %s%s in process %d%s", name, version, event, where, os.getpid(),
                 f": {reason}" if reason else "")
         if model is not None:
             self.set_info(name, (name, version, "ready", model.runner.device, model.runner.provider))
