@@ -7,9 +7,9 @@ TorchScript backend. Whether a GPU is usable is decided here, from NVIDIA's mana
 processes), before any runtime is asked for CUDA: without a GPU nothing tries CUDA or logs about it.
 """
 import ctypes
+import io
 import os
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 
@@ -52,8 +52,8 @@ class OnnxBackend:
                                "on a machine with a GPU)"))
         return "cuda" if device != "cpu" and gpu_count() and has_provider else "cpu"
 
-    def __init__(self, path: Path, device: str, input_name: str):
-        """`device`: "cuda" or "cpu", as resolve() gave it."""
+    def __init__(self, model: bytes, file_name: str, device: str, input_name: str):
+        """`model`: the artifact's checked bytes; `device`: "cuda" or "cpu", as resolve() gave it."""
         import onnxruntime as ort
         use_cuda = device == "cuda"
         if use_cuda:
@@ -65,9 +65,9 @@ class OnnxBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = (["CUDAExecutionProvider"] if use_cuda else []) + ["CPUExecutionProvider"]
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            self.session = ort.InferenceSession(model, options, providers=providers)
         except Exception as err:  # ONNX Runtime raises its own types for unreadable graphs
-            raise BackendError(f"ONNX Runtime cannot load {path.name}: {str(err).splitlines()[0]}") from None
+            raise BackendError(f"ONNX Runtime cannot load {file_name}: {str(err).splitlines()[0]}") from None
         self.input_name = input_name
         self.provider = self.session.get_providers()[0]
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
@@ -88,15 +88,15 @@ class TorchScriptBackend:
                                                     "this torch is built without CUDA"))
         return "cuda" if device != "cpu" and usable else "cpu"
 
-    def __init__(self, path: Path, device: str, input_name: str):
+    def __init__(self, model: bytes, file_name: str, device: str, input_name: str):
         import torch
         self.torch = torch
         self.device = device
         self.provider = f"torch {torch.__version__}"
         try:
-            self.module = torch.jit.load(str(path), map_location=self.device).eval()
+            self.module = torch.jit.load(io.BytesIO(model), map_location=self.device).eval()
         except RuntimeError as err:
-            raise BackendError(f"torch cannot load {path.name}: {str(err).splitlines()[0]}") from None
+            raise BackendError(f"torch cannot load {file_name}: {str(err).splitlines()[0]}") from None
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         with self.torch.inference_mode():

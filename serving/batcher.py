@@ -60,26 +60,30 @@ class DynamicBatcher:
 
     async def run(self) -> None:
         while True:
-            batch = [await self.queue.get()]
-            images = self.take_waiting(batch, len(batch[0][0]))
-            if images < self.max_batch_size and self.batch_timeout > 0:
-                await asyncio.sleep(self.batch_timeout)
-                images = self.take_waiting(batch, images)
-            self.metrics.queue_images.dec(images)
-            started = time.perf_counter()
-            for items, _, queued_at in batch:
-                for name in {model.name for model, _ in items}:
-                    self.metrics.queue_seconds.labels(name).observe(started - queued_at)
-            try:
-                result = await asyncio.to_thread(inference.predict, [items for items, _, _ in batch])
-            except Exception as err:  # a backend failure fails this batch's requests, not the batcher
-                for _, future, _ in batch:
-                    if not future.done():
-                        future.set_exception(err)
-                continue
-            self.metrics.batch_size.observe(result.images)
-            for name, seconds in result.seconds.items():
-                self.metrics.inference_seconds.labels(name).observe(seconds)
-            for (_, future, _), log_probs in zip(batch, result.log_probs):
-                if not future.done():  # the client may have gone away
-                    future.set_result((log_probs, result.images))
+            # One batch per call: its requests (and the model versions they hold) are let go when it
+            # returns, not when the next request arrives; an idle process frees a replaced version.
+            await self.run_batch([await self.queue.get()])
+
+    async def run_batch(self, batch: list) -> None:
+        images = self.take_waiting(batch, len(batch[0][0]))
+        if images < self.max_batch_size and self.batch_timeout > 0:
+            await asyncio.sleep(self.batch_timeout)
+            images = self.take_waiting(batch, images)
+        self.metrics.queue_images.dec(images)
+        started = time.perf_counter()
+        for items, _, queued_at in batch:
+            for name in {model.name for model, _ in items}:
+                self.metrics.queue_seconds.labels(name).observe(started - queued_at)
+        try:
+            result = await asyncio.to_thread(inference.predict, [items for items, _, _ in batch])
+        except Exception as err:  # a backend failure fails this batch's requests, not the batcher
+            for _, future, _ in batch:
+                if not future.done():
+                    future.set_exception(err)
+            return
+        self.metrics.batch_size.observe(result.images)
+        for name, seconds in result.seconds.items():
+            self.metrics.inference_seconds.labels(name).observe(seconds)
+        for (_, future, _), log_probs in zip(batch, result.log_probs):
+            if not future.done():  # the client may have gone away
+                future.set_result((log_probs, result.images))

@@ -67,6 +67,13 @@ def folder(text: str) -> Path:
     return Path(text)
 
 
+def reload_interval(text: str) -> float:
+    value = seconds(0, 3600)(text)
+    if 0 < value < 0.5:  # a look reads every model folder's file list
+        raise argparse.ArgumentTypeError(f"must be 0 (no polling) or 0.5..3600 seconds, got {text}")
+    return value
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line (no usage dump), exit status 2."""
 
@@ -99,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open connections per HTTP process; beyond it requests get 503")
     p.add_argument("--read-timeout", type=seconds(0.1, 600), default=defaults.read_timeout,
                    help="seconds a request may take to arrive whole (headers and body); then 408")
-    p.add_argument("--reload-interval", type=seconds(0, 3600), default=defaults.reload_interval,
+    p.add_argument("--reload-interval", type=reload_interval, default=defaults.reload_interval,
                    help="seconds between looks at the exports folder for new, changed and removed models (0: only "
                         "on POST /models/reload or SIGHUP)")
     p.add_argument("--data-dir", type=folder, default=defaults.data_dir,

@@ -9,7 +9,6 @@ validated on the HTTP side, so a bad upload fails alone.
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -26,9 +25,13 @@ class LoadError(Exception):
 
 @dataclass(eq=False)
 class ServedModel:
-    entry: ModelEntry
+    """Everything a version serves is held here, as read and checked: its folder may be replaced by the
+    next version (or a rejected one) while this one still answers."""
+    entry: ModelEntry              # name, manifest
     runner: object                 # a backends.BACKENDS instance: batch in, log-probabilities out
-    verified: dict | None = None   # the test figures this runner reproduced; None: no test split was at hand
+    verified: dict                 # {"reproduced": True, errors, nll, n} or {"reproduced": None, "reason": ...}
+    curves: bytes                  # curves.png
+    test_split: tuple[np.ndarray, np.ndarray] | None  # the embedded one (none: read from --data-dir)
 
     @property
     def name(self) -> str:
@@ -49,15 +52,15 @@ def load_runner(entry: ModelEntry, backend: str, device: str, warm: bool = True)
 
     Before LitServe forks the HTTP processes, load only: running a model starts the runtime's thread
     pool (OpenMP for torch), which a forked child cannot use (it hangs)."""
-    spec, path = entry.manifest["input"], entry.artifact_path(backend)
+    spec, artifact = entry.manifest["input"], entry.manifest["artifacts"][backend]
     try:
-        runner = BACKENDS[backend](path, device, spec["name"])
+        runner = BACKENDS[backend](entry.content(artifact), artifact["file"], device, spec["name"])
         for size in WARMUP_BATCH_SIZES if warm else ():
             runner(np.zeros([size] + spec["shape"][1:], dtype=spec["dtype"]))
     except BackendError as err:
         raise LoadError(str(err)) from None
     except Exception as err:  # a graph that loads but cannot run: many runtime error types
-        raise LoadError(f"{BACKENDS[backend].name} cannot run {Path(path).name}: {str(err).splitlines()[0]}") from None
+        raise LoadError(f"{BACKENDS[backend].name} cannot run {artifact['file']}: {str(err).splitlines()[0]}") from None
     return runner
 
 

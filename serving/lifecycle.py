@@ -35,12 +35,16 @@ from serving.metrics import Metrics
 log = logging.getLogger("digitserve")
 
 HISTORY_LENGTH = 50  # events kept per model name
+RETRYABLE_STEPS = {"load", "test_split", "unexpected"}  # may pass on another try with the same folder
 
 
 class Rejected(Exception):
-    def __init__(self, version: str | None, reason: str):
+    """A version that is not served: why (`reason`, for people) and at which step (`step`, a metric label:
+    export, load, test_split, metrics, unverified, unexpected)."""
+
+    def __init__(self, version: str | None, reason: str, step: str):
         super().__init__(reason)
-        self.version, self.reason = version, reason
+        self.version, self.reason, self.step = version, reason, step
 
 
 @dataclass(frozen=True)
@@ -83,48 +87,54 @@ class Catalog:
         return self.served[self.defaults[task]]
 
 
-def folder_stamp(folder: Path) -> tuple | None:
-    """What changes when a model folder is replaced or any file in it is (None: it vanished meanwhile)."""
-    try:
-        files = sorted((path.name, st.st_ino, st.st_size, st.st_mtime_ns)
-                       for path in folder.iterdir() for st in [path.lstat()])
-        return folder.stat().st_ino, tuple(files)
-    except OSError:
-        return None
+def folder_stamp(folder: Path, tries: int = 3) -> tuple | None:
+    """What changes when a model folder is replaced or any file in it is; None while it is changing
+    under the look (a file renamed or deleted between listing and reading, three times running)."""
+    for _ in range(tries):
+        try:
+            files = sorted((path.name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                           for path in folder.iterdir() for st in [path.lstat()])
+            return folder.stat().st_ino, tuple(files)
+        except OSError:
+            continue
+    return None
 
 
-def scan_stamps(exports: Path) -> dict[str, tuple[Path, tuple]]:
-    """Every model folder (hidden ones are being written) with its stamp; OSError if the folder is unreadable."""
-    found = {}
-    for folder in sorted(exports.iterdir()):
-        if folder.is_dir() and not folder.name.startswith("."):
-            stamp = folder_stamp(folder)
-            if stamp is not None:
-                found[folder.name] = (folder, stamp)
-    return found
-
-
-def build(folder: Path, config: Config, device: str) -> ServedModel:
-    """One model folder, checked, loaded, warmed and verified on its test split; raises Rejected."""
+def build(folder: Path, config: Config, device: str, previous: ServedModel | None) -> ServedModel:
+    """One model folder, checked, loaded, warmed and verified on its test split; raises Rejected.
+    `previous`: the version it would replace, if any."""
     entry = registry.check_export(folder, config.backend)
     version = entry.manifest["version"] if entry.manifest else None
-    if not entry.available:
-        raise Rejected(version, entry.error)
     try:
-        runner = load_runner(entry, config.backend, device)
-    except LoadError as err:
-        raise Rejected(version, str(err)) from None
-    try:
-        x, y = test_data.load(entry, config.data_dir)
-    except InputError as err:  # no test split at hand: served, and said to be unverified
-        return ServedModel(entry, runner, {"reproduced": None, "reason": err.message})
-    measured = contract.test_metrics(run_all(runner, x), y)
-    claimed = entry.manifest["metrics"]["test"]
-    if not contract.reproduces(measured, claimed):
-        raise Rejected(version, f"on its {measured['n']} test images the {config.backend} artifact makes "
-                                f"{measured['errors']} errors with NLL {measured['nll']:.6f}; its manifest claims "
-                                f"{claimed['errors']} and {claimed['nll']:.6f}")
-    return ServedModel(entry, runner, {"reproduced": True, **{k: measured[k] for k in ("errors", "nll", "n")}})
+        if not entry.available:
+            raise Rejected(version, entry.error, "export")
+        try:
+            runner = load_runner(entry, config.backend, device)
+        except LoadError as err:
+            raise Rejected(version, str(err), "load") from None
+        curves, split = entry.content(entry.manifest["curves"]), test_data.embedded(entry)
+        if split is None and config.data_dir is None and "test_file" in entry.manifest.get("data", {}):
+            # Trained on SVHN, whose test file this server was not given: served, marked unverified,
+            # unless it would replace a version that was verified.
+            reason = test_data.no_data_dir_reason(entry)
+            if previous is not None and previous.verified["reproduced"]:
+                raise Rejected(version, f"it cannot be verified here and would replace a verified version: {reason}",
+                               "unverified")
+            return ServedModel(entry, runner, {"reproduced": None, "reason": reason}, curves, None)
+        try:
+            x, y = split if split is not None else test_data.from_data_dir(entry, config.data_dir)
+        except InputError as err:
+            raise Rejected(version, err.message, "test_split") from None
+        measured = contract.test_metrics(run_all(runner, x), y)
+        claimed = entry.manifest["metrics"]["test"]
+        if not contract.reproduces(measured, claimed):
+            raise Rejected(version, f"on its {measured['n']} test images the {config.backend} artifact makes "
+                                    f"{measured['errors']} errors with NLL {measured['nll']:.6f}; its manifest claims "
+                                    f"{claimed['errors']} of {claimed['n']} and {claimed['nll']:.6f}", "metrics")
+        verified = {"reproduced": True, **{k: measured[k] for k in ("errors", "nll", "n")}}
+        return ServedModel(entry, runner, verified, curves, split)
+    finally:
+        entry.contents.clear()  # the artifact's bytes: the runner holds the model now
 
 
 class Lifecycle:
@@ -135,7 +145,9 @@ class Lifecycle:
         self.catalog = Catalog()
         self.stamps: dict[str, tuple] = {}
         self.history: dict[str, deque] = defaultdict(lambda: deque(maxlen=HISTORY_LENGTH))
-        self.info: dict[str, tuple] = {}  # name -> the digitserve_model_info labels set to 1 for it
+        self.info: dict[str, tuple] = {}      # name -> its digitserve_model_info labels now set to 1
+        self.rejected: dict[str, tuple] = {}  # name -> its digitserve_model_rejected labels now set to 1
+        self.retryable: set[str] = set()      # names whose last version failed for a cause outside its folder
         self.lock = asyncio.Lock()        # one reload at a time: the poll, the route and SIGHUP queue up
         self.task: asyncio.Task | None = None
 
@@ -156,14 +168,17 @@ class Lifecycle:
             except Exception:  # a bug must not end the polling: logged, tried again next time
                 log.exception("reloading the exports folder failed")
 
-    async def reload(self) -> list[dict]:
-        """Bring the catalog in line with the exports folder; returns what changed (history events)."""
+    async def reload(self, retry: bool = False) -> list[dict]:
+        """Bring the catalog in line with the exports folder; returns what changed (history events).
+        `retry` (asked for: POST /models/reload, SIGHUP): also check again the versions rejected for a
+        cause outside their folder (a load failure, the data folder's test file), which polls leave be."""
         async with self.lock:
             try:
-                found = await asyncio.to_thread(scan_stamps, self.config.exports)
+                folders = await asyncio.to_thread(registry.model_folders, self.config.exports)
             except OSError as err:  # a volume briefly away must not unload every model
                 log.error("cannot read the exports folder %s (%s): serving what was loaded", self.config.exports, err)
                 return []
+            found = {folder.name: folder for folder in folders}
             served, unavailable = dict(self.catalog.served), dict(self.catalog.unavailable)
             events = []
             for name in sorted(set(self.stamps) - set(found)):
@@ -171,21 +186,26 @@ class Lifecycle:
                 gone = served.pop(name, None)
                 unavailable.pop(name, None)
                 events.append(self.record(name, "removed", gone.version if gone else None))
-            for name, (folder, stamp) in found.items():
-                if self.stamps.get(name) == stamp:
-                    continue
+            for name, folder in found.items():
+                stamp = await asyncio.to_thread(folder_stamp, folder)
+                if stamp is None or (self.stamps.get(name) == stamp and not (retry and name in self.retryable)):
+                    continue  # unchanged, or changing right now: the next look decides
                 self.stamps[name] = stamp
                 self.metrics.models.add(name)
                 try:
-                    model = await asyncio.to_thread(build, folder, self.config, self.device)
+                    model = await asyncio.to_thread(build, folder, self.config, self.device, served.get(name))
                 except Exception as err:  # Rejected, or a bug: either way this version is not served
                     if not isinstance(err, Rejected):
                         log.exception("model %s: checking the new folder failed", name)
-                        err = Rejected(None, f"checking it failed unexpectedly ({type(err).__name__}: see the log)")
+                        err = Rejected(None, f"checking it failed unexpectedly ({type(err).__name__}: see the log)",
+                                       "unexpected")
                     if name not in served:
                         unavailable[name] = err.reason
-                    events.append(self.record(name, "rejected", err.version, err.reason))
+                    if err.step in RETRYABLE_STEPS:
+                        self.retryable.add(name)
+                    events.append(self.record(name, "rejected", err.version, err.reason, step=err.step))
                     continue
+                self.retryable.discard(name)
                 served[name] = model
                 unavailable.pop(name, None)
                 events.append(self.record(name, "served", model.version, model.verified.get("reason"), model))
@@ -194,7 +214,7 @@ class Lifecycle:
             return events
 
     def record(self, name: str, event: str, version: str | None, reason: str | None = None,
-               model: ServedModel | None = None) -> dict:
+               model: ServedModel | None = None, step: str | None = None) -> dict:
         """One change: into the model's history, the log and the metrics. `reason`: why a version was
         rejected, or why a served one is unverified."""
         entry = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "event": event, "version": version}
@@ -207,17 +227,22 @@ class Lifecycle:
         log.log(level, "model %s version %s %s%s in process %d%s", name, version, event, where, os.getpid(),
                 f": {reason}" if reason else "")
         if model is not None:
-            self.set_info(name, (name, version, "ready", model.runner.device, model.runner.provider))
+            self.set_gauge(self.metrics.model_info, self.info, name,
+                           (name, version, "ready", model.runner.device, model.runner.provider))
         elif event == "removed":
-            self.set_info(name, None)
+            self.set_gauge(self.metrics.model_info, self.info, name, None)
         elif name not in self.catalog.served:
-            self.set_info(name, (name, version or "", "unavailable", "", ""))
+            self.set_gauge(self.metrics.model_info, self.info, name, (name, version or "", "unavailable", "", ""))
+        self.set_gauge(self.metrics.rejected, self.rejected, name,
+                       (name, version or "", step) if event == "rejected" else None)
         return {"model": name, **entry}
 
-    def set_info(self, name: str, labels: tuple | None) -> None:
-        previous = self.info.pop(name, None)
+    @staticmethod
+    def set_gauge(gauge, current: dict, name: str, labels: tuple | None) -> None:
+        """One series set to 1 per model (`current` remembers which): the previous one goes to 0."""
+        previous = current.pop(name, None)
         if previous is not None:
-            self.metrics.model_info.labels(*previous).set(0)
+            gauge.labels(*previous).set(0)
         if labels is not None:
-            self.info[name] = labels
-            self.metrics.model_info.labels(*labels).set(1)
+            current[name] = labels
+            gauge.labels(*labels).set(1)

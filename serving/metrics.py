@@ -54,6 +54,10 @@ class Metrics:
         self.reloads = Counter("digitserve_model_reloads", "Model versions served, rejected (their reason is in "
                                "the log and /models/NAME) and removed, per HTTP process's reload.",
                                ["model", "event"], registry=r)
+        self.rejected = Gauge("digitserve_model_rejected", "1 for the last version of a model that was not served, "
+                              "with the step it failed (export, load, test_split, metrics, unverified, unexpected; "
+                              "the reason is in the log and /models/NAME); cleared once a version is served.",
+                              ["model", "version", "step"], multiprocess_mode="livemax", registry=r)
         self.model_info = Gauge("digitserve_model_info", "1 for each model in the exports folder: the version "
                                 "served, its status (ready or unavailable) and where it runs.",
                                 ["model", "version", "status", "device", "provider"],

@@ -2,11 +2,13 @@
 
 A broken export is listed as unavailable with its reason; the rest are served. The checks are the
 export contract's (export_contract): the schema the server ships with, and the sha256 of each file
-the server reads, which must be a regular file directly inside the export's folder.
+the server reads, which must be a regular file directly inside the export's folder. Each file is
+read once, and what was checked is what is used (`contents`): a folder replaced meanwhile cannot
+pair one version's manifest with another's files.
 """
 import json
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import export_contract as contract
@@ -22,30 +24,31 @@ class ModelEntry:
     folder: Path
     manifest: dict | None = None
     error: str | None = None          # why the model is unavailable, if it is
+    contents: dict[str, bytes] = field(default_factory=dict, repr=False)  # file name -> its checked bytes
 
     @property
     def available(self) -> bool:
         return self.error is None
 
-    def file(self, item: dict) -> Path:
-        return self.folder / item["file"]
-
-    def artifact_path(self, backend: str) -> Path:
-        return self.file(self.manifest["artifacts"][backend])
+    def content(self, item: dict) -> bytes:
+        """A file the manifest lists (artifact, curves, test split), as read and checked."""
+        return self.contents[item["file"]]
 
 
-def file_problem(folder: Path, item: dict) -> str | None:
-    """Why a file named by the manifest must not be read (missing, not a plain file, altered), or None."""
+def read_checked(folder: Path, item: dict) -> tuple[bytes | None, str | None]:
+    """A file the manifest lists, read once: (its bytes, None), or (None, why it must not be used:
+    missing, not a plain file, altered)."""
     path = folder / item["file"]
     try:
         mode = path.lstat().st_mode
+        if not stat.S_ISREG(mode):  # a symlink could point anywhere (/etc/passwd); a FIFO would block the read
+            return None, f"{item['file']} is not a regular file"
+        data = path.read_bytes()
     except FileNotFoundError:
-        return f"{item['file']} is missing"
-    if not stat.S_ISREG(mode):  # a symlink could point anywhere (/etc/passwd); a FIFO would block the read
-        return f"{item['file']} is not a regular file"
-    if contract.sha256(path) != item["sha256"]:
-        return f"{item['file']} does not match the sha256 in its manifest"
-    return None
+        return None, f"{item['file']} is missing"
+    if contract.sha256_bytes(data) != item["sha256"]:
+        return None, f"{item['file']} does not match the sha256 in its manifest"
+    return data, None
 
 
 def check_export(folder: Path, backend: str) -> ModelEntry:
@@ -71,15 +74,22 @@ def check_export(folder: Path, backend: str) -> ModelEntry:
         entry.error = f"manifest name {manifest['name']!r} does not match its folder {folder.name!r}"
         return entry
     entry.manifest = manifest
-    served = [manifest["artifacts"][backend], manifest["curves"], *([manifest["test_set"]] if "test_set" in manifest
-                                                                    else [])]
-    entry.error = next(filter(None, (file_problem(folder, item) for item in served)), None)
+    for item in [manifest["artifacts"][backend], manifest["curves"], *([manifest["test_set"]] if "test_set" in manifest
+                                                                       else [])]:
+        data, entry.error = read_checked(folder, item)
+        if entry.error:
+            entry.contents.clear()
+            return entry
+        entry.contents[item["file"]] = data
     return entry
 
 
+def model_folders(exports_dir: Path) -> list[Path]:
+    """Every model folder, in name order: the sub-folders, but not hidden ones (exports being written)."""
+    return sorted(p for p in exports_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def scan(exports_dir: Path, backend: str) -> list[ModelEntry]:
-    """Every sub-folder of the exports folder (hidden ones are exports being written), in name order."""
     if not exports_dir.is_dir():
         raise ExportsError(f"exports folder {exports_dir} does not exist")
-    return [check_export(folder, backend)
-            for folder in sorted(p for p in exports_dir.iterdir() if p.is_dir() and not p.name.startswith("."))]
+    return [check_export(folder, backend) for folder in model_folders(exports_dir)]

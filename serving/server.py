@@ -97,14 +97,29 @@ class HttpProcesses:
         def reload_soon():
             task = loop.create_task(self.reload())
             reloads.add(task)  # held until done: the loop keeps only weak references to tasks
-            task.add_done_callback(reloads.discard)
-        loop.add_signal_handler(signal.SIGHUP, reload_soon)
-        yield
+            task.add_done_callback(reloaded)
 
+        def reloaded(task):
+            reloads.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("reload on SIGHUP failed", exc_info=task.exception())
+        loop.add_signal_handler(signal.SIGHUP, reload_soon)
+        # The models loaded before this process was known to the main process, which forwarded it no
+        # SIGHUP meanwhile: one more look catches a model published then (a no-op otherwise).
+        reload_soon()
+        yield
+        loop.remove_signal_handler(signal.SIGHUP)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a late SIGHUP must not end a draining process
     def forward_reload(self) -> None:
-        """In the main process: every HTTP process, reload (SIGHUP to it)."""
+        """In the main process: every HTTP process, reload (SIGHUP to it); none while stopping."""
+        if self.stopping.is_set():
+            return
         for pid in self.running():
-            os.kill(pid, signal.SIGHUP)
+            if alive(pid):
+                try:
+                    os.kill(pid, signal.SIGHUP)
+                except ProcessLookupError:  # ended since
+                    pass
 
     def running(self) -> list[int]:
         return [pid for pid in self.pids if pid]
@@ -202,7 +217,7 @@ def server_socket(fd: int, port: int) -> bool:
 def build(config: Config) -> tuple[ls.LitServer, Service, HttpProcesses]:
     """The LitServer with the digitserve routes; raises service.StartupError."""
     service = Service(config)
-    processes = HttpProcesses(config.workers, service.lifecycle.reload)
+    processes = HttpProcesses(config.workers, lambda: service.lifecycle.reload(retry=True))
     main_pid = os.getpid()
     service.notify_other_processes = lambda: os.kill(main_pid, signal.SIGHUP)  # which forwards it to them all
     server = ls.LitServer(
@@ -260,6 +275,10 @@ def run(server: ls.LitServer, service: Service, processes: HttpProcesses) -> int
     def before_fork():  # in this process, about to fork
         forking["manager"] = any(frame.filename.endswith(os.path.join("multiprocessing", "managers.py"))
                                  for frame in traceback.extract_stack())
+        # Forking an HTTP process: LitServe has spawned its worker (which kept SIGHUP ignored), so from
+        # now on SIGHUP reloads. (The queue manager is forked before the worker is spawned.)
+        if not forking["manager"] and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGHUP, forward_reload)
 
     def after_fork():  # in the child
         die_with_parent(main_pid)
@@ -304,7 +323,9 @@ def run(server: ls.LitServer, service: Service, processes: HttpProcesses) -> int
 
     signal.signal(signal.SIGTERM, stop_gracefully)
     signal.signal(signal.SIGINT, stop_gracefully)
-    signal.signal(signal.SIGHUP, forward_reload)
+    # Ignored until LitServe's worker is spawned (it keeps an ignored signal across exec, not a
+    # handler): a SIGHUP before then must not kill it, which would hang LitServe's start-up.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     allow_many_connections(config.max_connections)
     return_freed_memory()  # before LitServe forks: the HTTP processes inherit it
     processes.watch()

@@ -63,6 +63,7 @@ class Service:
                     load_runner(entry, config.backend, "cpu", warm=False)
                 except LoadError as err:
                     entry.error = str(err)
+            entry.contents.clear()  # each HTTP process reads and checks its own copy
         if not any(e.available for e in self.entries.values()):
             reasons = "; ".join(f"{name}: {e.error}" for name, e in self.entries.items()) or "the folder is empty"
             raise StartupError(f"no usable model in {config.exports} ({reasons})")
@@ -106,7 +107,7 @@ class Service:
         """Follow the exports folder now, here and (through the main process) in every HTTP process."""
         if self.notify_other_processes is not None:
             self.notify_other_processes()
-        return await self.lifecycle.reload()
+        return await self.lifecycle.reload(retry=True)
 
     # --- requests ---
 

@@ -3,8 +3,9 @@
 Either the export carries it (`test_set.npz`: digits, synthetic crops) or the manifest names the
 SVHN-layout file it came from (`data.test_file`: the official 26,032-image test_32x32.mat is too
 large to carry), which the server reads from its `--data-dir`, checked against the MD5 recorded at
-training. Reading runs off the event loop (the caller's to_thread): the official file is 64 MB.
+training. Reading from the data folder runs off the event loop (the caller's): the file is 64 MB.
 """
+import io
 import logging
 from pathlib import Path
 
@@ -26,20 +27,33 @@ def mat_reader_problem() -> str | None:
     return None
 
 
-def load(entry: ModelEntry, data_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
-    """Images and labels of `entry`'s test split; InputError (422) saying what is missing otherwise.
-    The messages name the file but not the server's folders, which clients have no business knowing."""
-    manifest = entry.manifest
-    if "test_set" in manifest:
-        with np.load(entry.file(manifest["test_set"]), allow_pickle=False) as data:
-            return data["x"], data["y"]
-    test_file = manifest.get("data", {}).get("test_file")
+def embedded(entry: ModelEntry) -> tuple[np.ndarray, np.ndarray] | None:
+    """The test split the export carries (as read and checked with it), or None."""
+    if "test_set" not in entry.manifest:
+        return None
+    with np.load(io.BytesIO(entry.content(entry.manifest["test_set"])), allow_pickle=False) as data:
+        return data["x"], data["y"]
+
+
+def described(test_file: dict) -> str:
+    return f"{test_file['file']} (MD5 {test_file['md5']}, {test_file['n']} images)"
+
+
+def no_data_dir_reason(entry: ModelEntry) -> str:
+    return (f"model {entry.name!r} was tested on {described(entry.manifest['data']['test_file'])}, which it does not "
+            f"carry: start the server with --data-dir (DIGITSERVE_DATA_DIR) naming a folder that holds it")
+
+
+def from_data_dir(entry: ModelEntry, data_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """The test file the manifest names, from the server's data folder; InputError (422) saying what
+    is missing otherwise. The messages name the file but not the server's folders, which clients
+    have no business knowing."""
+    test_file = entry.manifest.get("data", {}).get("test_file")
     if test_file is None:
         raise InputError(f"model {entry.name!r} carries no test split and names no test file to evaluate on", 422)
-    wanted = f"{test_file['file']} (MD5 {test_file['md5']}, {test_file['n']} images)"
     if data_dir is None:
-        raise InputError(f"model {entry.name!r} was tested on {wanted}, which it does not carry: start the server "
-                         f"with --data-dir (DIGITSERVE_DATA_DIR) naming a folder that holds it", 422)
+        raise InputError(no_data_dir_reason(entry), 422)
+    wanted = described(test_file)
     path = data_dir / test_file["file"]
     if not path.is_file():
         log.warning("evaluate %s: %s is missing", entry.name, path)

@@ -5,7 +5,6 @@ import json
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,9 +69,13 @@ def test_a_version_that_fails_its_checks_is_rejected_and_the_previous_keeps_answ
         detail = c.get("/models/digits-mlp").json()
         assert detail["status"] == "ready" and detail["version"] == old
         assert detail["history"][-1]["event"] == "rejected" and reason in detail["history"][-1]["reason"]
-        reloads = {s.labels["event"]: s.value for f in text_string_to_metric_families(c.get("/metrics").text)
-                   for s in f.samples if s.name == "digitserve_model_reloads_total" and s.labels["model"] == "digits-mlp"}
+        samples = [s for f in text_string_to_metric_families(c.get("/metrics").text) for s in f.samples]
+        reloads = {s.labels["event"]: s.value for s in samples
+                   if s.name == "digitserve_model_reloads_total" and s.labels["model"] == "digits-mlp"}
         assert reloads == {"served": 1, "rejected": 1}
+        (rejected,) = [s.labels for s in samples if s.name == "digitserve_model_rejected" and s.value == 1]
+        assert rejected == {"model": "digits-mlp", "version": version_of(retrained),
+                            "step": "export" if change is flip_last_byte else "metrics"}
         publish(retrained, exports)  # a good version after a rejected one
         assert [e["event"] for e in reload(c)] == ["served"]
         assert answer(c)[1]["predictions"][0]["version"] == version_of(retrained)
@@ -149,11 +152,12 @@ def test_a_request_is_answered_entirely_by_the_version_it_was_routed_to(exports,
 
 
 def test_the_folder_is_polled_and_hidden_folders_are_never_read(exports, retrained):
-    with in_process(exports, reload_interval=0.2) as c:
+    with in_process(exports, reload_interval=0.5) as c:
         shutil.copytree(retrained, exports / ".digits-mlp.half-written.tmp")
         (exports / ".digits-mlp.half-written.tmp" / "model.onnx").write_bytes(b"partial")
-        time.sleep(0.6)
-        assert c.get("/models/digits-mlp").json()["history"][-1]["event"] == "served"  # only start-up
+        time.sleep(1.2)
+        assert [m["name"] for m in c.get("/models").json()["models"]] == ["digits-cnn", "digits-mlp"]
+        assert set(c.app.state.service.lifecycle.history) == {"digits-cnn", "digits-mlp"}  # nothing else looked at
         assert len(c.get("/models/digits-mlp").json()["history"]) == 1
         publish(retrained, exports)
         deadline = time.monotonic() + 5
@@ -192,3 +196,54 @@ def test_an_unexpected_failure_while_checking_rejects_that_version_only(exports,
         (event,) = reload(c)
         assert event["event"] == "rejected" and "unexpectedly (RuntimeError" in event["reason"]
         assert answer(c)[1]["predictions"][0]["version"] == old
+
+
+def test_a_folder_changing_under_a_look_is_left_for_the_next_one(exports, monkeypatch):
+    """A file renamed or deleted inside a served folder while it is looked at: not a removal."""
+    from serving import lifecycle
+    real_stamp = lifecycle.folder_stamp
+    with in_process(exports, reload_interval=0) as c:
+        monkeypatch.setattr(lifecycle, "folder_stamp",
+                            lambda folder: None if folder.name == "digits-mlp" else real_stamp(folder))
+        (exports / "digits-mlp" / "notes.txt").write_text("changed")
+        assert reload(c) == [] and answer(c)[0] == 200
+
+
+def test_a_served_version_keeps_its_own_files_when_its_folder_is_replaced(exports, tmp_path, retrained):
+    """Its curves and test split are what was checked when it was loaded, not the rejected folder's."""
+    curves, old = (exports / "digits-mlp" / "curves.png").read_bytes(), version_of(exports / "digits-mlp")
+    with in_process(exports, reload_interval=0) as c:
+        def other_curves(folder):
+            (folder / "curves.png").write_bytes(b"\x89PNG not these")
+        publish(tampered(retrained, tmp_path, other_curves), exports)
+        assert [e["event"] for e in reload(c)] == ["rejected"]
+        assert c.get("/models/digits-mlp/curves.png").content == curves
+        evaluation = c.post("/models/digits-mlp/evaluate").json()
+        assert evaluation["agrees"] is True and evaluation["version"] == old
+
+
+def test_an_unverifiable_version_does_not_replace_a_verified_one(tmp_path):
+    build_svhn_export(tmp_path / "exports", "svhn-cnn")  # carries its test split: verified
+    test_file = {"file": "test_32x32.mat", "md5": "0" * 32, "n": 200}
+    build_svhn_export(tmp_path / "staging", "svhn-cnn", data={"name": "svhn", "description": "SVHN", "test_file": test_file})
+    with in_process(tmp_path / "exports", reload_interval=0) as c:
+        verified = c.get("/models/svhn-cnn").json()["version"]
+        publish(tmp_path / "staging" / "svhn-cnn", tmp_path / "exports")
+        (event,) = reload(c)
+        assert event["event"] == "rejected" and "would replace a verified version" in event["reason"]
+        assert c.get("/models/svhn-cnn").json()["version"] == verified
+
+
+def test_ready_is_503_when_this_process_serves_no_model(exports):
+    with in_process(exports, reload_interval=0) as c:
+        for name in ("digits-cnn", "digits-mlp"):
+            shutil.rmtree(exports / name)
+        assert len(reload(c)) == 2
+        response = c.get("/ready")
+        assert response.status_code == 503 and "no model is served" in response.json()["error"]
+
+
+def test_the_reload_route_needs_the_api_key(exports):
+    with in_process(exports, reload_interval=0, api_key="k") as c:
+        assert c.post("/models/reload").status_code == 401
+        assert c.post("/models/reload", headers={"X-API-Key": "k"}).status_code == 200

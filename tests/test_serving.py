@@ -103,7 +103,10 @@ def test_model_detail_and_curves(client):
     curves = client.get(detail["curves_url"])
     assert curves.status_code == 200 and curves.content[:8] == b"\x89PNG\r\n\x1a\n"
     assert client.get("/models/nope").status_code == 404
-    assert client.get("/models/digits-broken").status_code == 503
+    broken = client.get("/models/digits-broken").json()  # unavailable: why, and its history, but no manifest
+    assert broken["status"] == "unavailable" and "does not match the sha256" in broken["reason"]
+    assert broken["history"][-1]["event"] == "rejected" and "manifest" not in broken
+    assert client.get("/models/digits-broken/curves.png").status_code == 503
 
 
 def test_evaluate_matches_manifest(client):
@@ -133,10 +136,16 @@ def test_evaluate_reads_an_svhn_test_file_from_the_data_dir(tmp_path):
         assert answer.status_code == 422 and "start the server with --data-dir" in answer.json()["error"]
     other = tmp_path / "other"
     other.mkdir()
-    with in_process(tmp_path / "exports", data_dir=other) as c:
-        answer = c.post("/models/svhn-cnn/evaluate")
-        assert answer.status_code == 422 and "data folder has no test_32x32.mat" in answer.json()["error"]
+    with in_process(tmp_path / "exports", data_dir=other) as c:  # given a data folder, the model is verified
+        detail = c.get("/models/svhn-cnn").json()
+        assert detail["status"] == "unavailable" and "data folder has no test_32x32.mat" in detail["reason"]
         scipy.io.savemat(other / "test_32x32.mat", {"X": x.transpose(2, 3, 1, 0), "y": np.ones((200, 1))})
+        (change,) = c.post("/models/reload").json()["changes"]  # asked for: tried again though its folder is as it was
+        assert change["event"] == "rejected" and "is not the file model 'svhn-cnn' was tested on" in change["reason"]
+        shutil.copy(data / "test_32x32.mat", other / "test_32x32.mat")
+        (change,) = c.post("/models/reload").json()["changes"]
+        assert change["event"] == "served" and c.get("/models/svhn-cnn").json()["verified"]["reproduced"] is True
+        (other / "test_32x32.mat").write_bytes(b"replaced since")
         answer = c.post("/models/svhn-cnn/evaluate")
         assert answer.status_code == 422 and "is not the file model 'svhn-cnn' was tested on" in answer.json()["error"]
         assert str(tmp_path) not in answer.text  # the server's folders are not the client's business

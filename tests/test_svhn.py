@@ -136,7 +136,7 @@ def test_short_cpu_run_splits_trains_and_exports(synth_dir, tmp_path):
     written = json.loads((synth_dir / svhn.SYNTHETIC_RECORD).read_text())
     assert entry.manifest["data"]["test_file"] == {"file": "test_32x32.mat", "md5": written["md5"]["test"], "n": 120}
     assert entry.manifest["test_set"]["n"] == 120
-    with np.load(entry.file(entry.manifest["test_set"]), allow_pickle=False) as embedded:
+    with np.load(entry.folder / entry.manifest["test_set"]["file"], allow_pickle=False) as embedded:
         assert np.array_equal(embedded["x"], svhn.load_split(synth_dir, "test", verify_md5=False).x)
 
 

@@ -26,7 +26,7 @@ from training.runs import atomic_folder, plot_curves, write_json
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
 
 PARITY_TOLERANCE = 1e-4  # max |log-prob| difference between an artifact and the PyTorch model
-# Largest test split carried inside an export (compressed): digits' is ~40 KB, 2,000 synthetic crops 3.8 MB.
+# Largest test split carried inside an export (compressed): digits' is 12 KB, 2,000 synthetic crops 3.8 MB.
 # Larger ones (SVHN's 26,032) stay in the data folder the manifest names, for `serving --data-dir`.
 EMBEDDED_TEST_SET_LIMIT = 5 * 2**20
 ONNX_OPSET = 18

@@ -57,8 +57,8 @@ def data_record(data_dir: Path, train: Arrays, test: Arrays) -> dict:
     test_file = {"file": FILES["test"][0], "md5": test.md5, "n": len(test.y)}
     if (train.md5, test.md5) == (FILES["train"][1], FILES["test"][1]):
         return {"name": "svhn", "test_file": test_file,
-                "description": "SVHN format 2: the official train_32x32.mat (73,257 crops, 10 % held out for "
-                               "validation) and test_32x32.mat (26,032), MD5-checked"}
+                "description": "SVHN format 2: the official train_32x32.mat (73,257 crops, a stratified part "
+                               "held out for validation) and test_32x32.mat (26,032), MD5-checked"}
     try:
         written = json.loads((data_dir / SYNTHETIC_RECORD).read_text())
     except (OSError, ValueError):
