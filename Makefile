@@ -7,7 +7,7 @@ PORT ?= 8000
 # ONNX Runtime's GPU build where NVIDIA's driver reports a GPU, its CPU build elsewhere (pyproject's extras).
 ORT ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: serve digits test chromium clean
+.PHONY: serve digits test chromium clean image image-test
 
 # The service alone: no torch, no test tools.
 $(VENV)/.serve: pyproject.toml
@@ -38,3 +38,36 @@ test: $(VENV)/.dev chromium
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# The serving image: `make image` (GPU-capable, CUDA 13 + cuDNN 9) or `make image DEVICE=cpu` (no
+# NVIDIA libraries). With docker where a Docker engine answers, otherwise with buildah through
+# ../shared/container/make-base.sh (a local stand-in for the base image; chroot isolation).
+# PYTHON_IMAGE, PIP_INDEX_URL, PIP_EXTRA_INDEX_URL and PIP_TRUSTED_HOST, from the command line or the
+# environment, are passed on as build arguments (a mirror's base image, a package index mirror);
+# BUILD_ARGS adds any other (e.g. BUILD_ARGS='--build-arg WITH_TORCH=true').
+IMAGE ?= digitserve
+DEVICE ?= gpu
+TAG ?= $(if $(filter cpu,$(DEVICE)),cpu,latest)
+BUILD_ARGS ?=
+CONTAINER_SH ?= ../shared/container/make-base.sh
+IMAGE_ARGS = $(strip --build-arg DEVICE=$(DEVICE) $(foreach v,PYTHON_IMAGE PIP_INDEX_URL PIP_EXTRA_INDEX_URL \
+	PIP_TRUSTED_HOST,$(if $($(v)),--build-arg $(v)='$($(v))')) $(BUILD_ARGS))
+
+image:
+	@if docker info >/dev/null 2>&1; then \
+	  echo "docker build -t $(IMAGE):$(TAG) $(IMAGE_ARGS) ."; \
+	  docker build -t $(IMAGE):$(TAG) $(IMAGE_ARGS) . ; \
+	elif [ -x $(CONTAINER_SH) ]; then \
+	  echo "$(CONTAINER_SH) build --layers -t $(IMAGE):$(TAG) $(IMAGE_ARGS)"; \
+	  $(CONTAINER_SH) build --layers -t $(IMAGE):$(TAG) $(IMAGE_ARGS); \
+	else \
+	  echo "make image: no Docker engine answers and there is no $(CONTAINER_SH)" >&2; exit 1; \
+	fi
+
+# Builds the images (IMAGE_VARIANTS) and runs each: readiness, a prediction from every model in
+# exports/, /metrics, UID 10001 that cannot write its code, exports mounted read-only from the host,
+# SIGTERM. Not part of `make test`: tests/conftest.py skips them unless -m selects the container marker.
+IMAGE_VARIANTS ?= cpu gpu
+image-test: $(VENV)/.dev
+	DIGITSERVE_IMAGE=$(IMAGE) DIGITSERVE_IMAGE_VARIANTS='$(IMAGE_VARIANTS)' \
+	  $(PY) -m pytest -q -p no:cacheprovider -m container tests/test_container.py

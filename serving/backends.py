@@ -9,6 +9,7 @@ processes), before any runtime is asked for CUDA: without a GPU nothing tries CU
 import ctypes
 import io
 import os
+import warnings
 from functools import cache
 
 import numpy as np
@@ -94,7 +95,9 @@ class TorchScriptBackend:
         self.device = device
         self.provider = f"torch {torch.__version__}"
         try:
-            self.module = torch.jit.load(io.BytesIO(model), map_location=self.device).eval()
+            with warnings.catch_warnings():  # deprecated upstream, but the artifact this backend serves
+                warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+                self.module = torch.jit.load(io.BytesIO(model), map_location=self.device).eval()
         except RuntimeError as err:
             raise BackendError(f"torch cannot load {file_name}: {str(err).splitlines()[0]}") from None
 

@@ -22,6 +22,16 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 240, env: dict | None
                           timeout=timeout, umask=umask)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The container tests build and run images for minutes: only when -m selects them (make image-test)."""
+    if "container" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="builds and runs the container images: make image-test (pytest -m container)")
+    for item in items:
+        if item.get_closest_marker("container"):
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def cli():
     return run_cli
