@@ -183,6 +183,7 @@ class Lifecycle:
             events = []
             for name in sorted(set(self.stamps) - set(found)):
                 del self.stamps[name]
+                self.retryable.discard(name)
                 gone = served.pop(name, None)
                 unavailable.pop(name, None)
                 events.append(self.record(name, "removed", gone.version if gone else None))

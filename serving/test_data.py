@@ -1,4 +1,5 @@
-"""The test split a model's manifest figures were measured on, for `/models/{name}/evaluate`.
+"""The test split a model's manifest figures were measured on, for verifying a version before it
+is served (serving/lifecycle.py) and for `/models/{name}/evaluate`.
 
 Either the export carries it (`test_set.npz`: digits, synthetic crops) or the manifest names the
 SVHN-layout file it came from (`data.test_file`: the official 26,032-image test_32x32.mat is too
@@ -56,15 +57,15 @@ def from_data_dir(entry: ModelEntry, data_dir: Path | None) -> tuple[np.ndarray,
     wanted = described(test_file)
     path = data_dir / test_file["file"]
     if not path.is_file():
-        log.warning("evaluate %s: %s is missing", entry.name, path)
+        log.warning("test split of %s: %s is missing", entry.name, path)
         raise InputError(f"the server's data folder has no {test_file['file']}: model {entry.name!r} was tested on "
                          f"{wanted}", 422)
     if svhn_mat.md5(path) != test_file["md5"]:
-        log.warning("evaluate %s: %s is not the file the model was tested on", entry.name, path)
+        log.warning("test split of %s: %s is not the file the model was tested on", entry.name, path)
         raise InputError(f"the server's {test_file['file']} is not the file model {entry.name!r} was tested on "
                          f"(MD5 differs from {test_file['md5']})", 422)
     try:
         return svhn_mat.read(path)
     except svhn_mat.MatFileError:  # its MD5 matched, so the file is what training read: a broken install
-        log.exception("evaluate %s: %s", entry.name, path)
+        log.exception("test split of %s: %s", entry.name, path)
         raise InputError(f"the server cannot read its {test_file['file']} (see its log)", 422) from None

@@ -5,6 +5,7 @@ import json
 import shutil
 import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -94,28 +95,36 @@ def test_a_new_model_that_fails_is_unavailable_with_its_reason(exports, tmp_path
         assert status == 503 and "its manifest claims" in body["error"]
 
 
-def test_a_removed_model_is_404_after_the_requests_it_holds_are_answered(exports, monkeypatch):
-    predict = inference.predict
-    started = threading.Event()
+@contextmanager
+def slow_backend(monkeypatch):
+    """Inside: every backend call takes 0.5 s; yields an Event set once one has started."""
+    predict, started = inference.predict, threading.Event()
 
     def slow_predict(requests):
         started.set()
         time.sleep(0.5)
         return predict(requests)
+    monkeypatch.setattr(inference, "predict", slow_predict)
+    try:
+        yield started
+    finally:
+        monkeypatch.setattr(inference, "predict", predict)
+
+
+def test_a_removed_model_is_404_after_the_requests_it_holds_are_answered(exports, monkeypatch):
     with in_process(exports, reload_interval=0) as c:
         version = version_of(exports / "digits-mlp")
-        monkeypatch.setattr(inference, "predict", slow_predict)
         results = []
-        worker = threading.Thread(target=lambda: results.append(answer(c)))
-        worker.start()
-        assert started.wait(5)
-        shutil.rmtree(exports / "digits-mlp")  # while its request is in the backend
-        (event,) = reload(c)
-        worker.join(10)
+        with slow_backend(monkeypatch) as started:
+            worker = threading.Thread(target=lambda: results.append(answer(c)))
+            worker.start()
+            assert started.wait(5)
+            shutil.rmtree(exports / "digits-mlp")  # while its request is in the backend
+            (event,) = reload(c)
+            worker.join(10)
         assert event["event"] == "removed" and event["version"] == version
         status, body = results[0]
         assert status == 200 and body["predictions"][0]["version"] == version  # answered by what it was routed to
-        monkeypatch.setattr(inference, "predict", predict)
         status, body = answer(c)
         assert status == 404 and "unknown model 'digits-mlp'" in body["error"]
         assert answer(c, "digits-cnn")[0] == 200
@@ -124,26 +133,18 @@ def test_a_removed_model_is_404_after_the_requests_it_holds_are_answered(exports
 
 def test_a_request_is_answered_entirely_by_the_version_it_was_routed_to(exports, retrained, monkeypatch):
     """A swap while a request's images are in the backend: every image of it comes from the old version."""
-    predict = inference.predict
-    started = threading.Event()
-
-    def slow_predict(requests):
-        started.set()
-        time.sleep(0.5)
-        return predict(requests)
     images = [np.random.default_rng(i).uniform(0, 16, (8, 8)).tolist() for i in range(4)]
     with in_process(exports, reload_interval=0) as c:
         before = c.post("/predict", json={"model": "digits-mlp", "pixels": images}).json()["predictions"]
-        monkeypatch.setattr(inference, "predict", slow_predict)
         results = []
-        worker = threading.Thread(target=lambda: results.append(
-            c.post("/predict", json={"model": "digits-mlp", "pixels": images}).json()["predictions"]))
-        worker.start()
-        assert started.wait(5)
-        publish(retrained, exports)
-        assert [e["event"] for e in reload(c)] == ["served"]
-        worker.join(10)
-        monkeypatch.setattr(inference, "predict", predict)
+        with slow_backend(monkeypatch) as started:
+            worker = threading.Thread(target=lambda: results.append(
+                c.post("/predict", json={"model": "digits-mlp", "pixels": images}).json()["predictions"]))
+            worker.start()
+            assert started.wait(5)
+            publish(retrained, exports)
+            assert [e["event"] for e in reload(c)] == ["served"]
+            worker.join(10)
         after = c.post("/predict", json={"model": "digits-mlp", "pixels": images}).json()["predictions"]
     assert [p["version"] for p in results[0]] == [p["version"] for p in before]
     assert [p["probabilities"] for p in results[0]] == [p["probabilities"] for p in before]
