@@ -3,9 +3,14 @@
 
 - `model.json` follows `manifest.schema.json` (shipped inside this package, so a server validates
   against the schema it was built with, never a file lying in the exports folder).
-- Every file the server reads is listed with its sha256 and checked before use.
+- Every file the server reads is listed with its sha256 and checked before use, and read as
+  `reader.read_regular` says (regular files only, sizes capped); the test split an export carries is
+  read by `test_split`, bounded before anything is decompressed.
 - Test figures are mean NLL and error of log-probabilities; a served artifact reproduces its
-  manifest when it makes the same number of errors and its NLL is within NLL_TOLERANCE.
+  manifest when it makes the same number of errors on as many images and its NLL is within
+  NLL_TOLERANCE. What that proves: the artifact is the model the figures were measured on, run on the
+  split the export carries. What it cannot prove: that the split is the held-out data the manifest
+  says it is, except where the split is one the contract knows (KNOWN_TEST_SPLITS).
 """
 import hashlib
 import json
@@ -20,6 +25,9 @@ import numpy as np
 MANIFEST_FILE = "model.json"
 SCHEMA_VERSION = 2
 NLL_TOLERANCE = 1e-4  # evaluation on another machine or backend moves the NLL by ~1e-8; a wrong model by far more
+# sha256 of x (float32 N x 1 x 8 x 8) then y (int64) of the test splits a data record names: an export
+# claiming to be tested on one of these must carry exactly it, not a kinder selection.
+KNOWN_TEST_SPLITS = {"sklearn-digits": "f7f50014aed91fbb814f04cf042b95d28aa11ea36dbad1b3f3c09efb8b4a7a2d"}
 
 
 @cache
@@ -32,6 +40,32 @@ def schema_errors(manifest: object) -> list[str]:
     validator = jsonschema.Draft202012Validator(schema())
     return [f"{'/'.join(map(str, e.path)) or '(root)'}: {e.message}"
             for e in sorted(validator.iter_errors(manifest), key=lambda e: list(e.path))]
+
+
+def manifest_errors(manifest: object) -> list[str]:
+    """schema_errors(), then what a schema cannot say: figures that agree with each other."""
+    problems = schema_errors(manifest)
+    if problems:
+        return problems
+    metrics = manifest["metrics"]
+    test = metrics["test"]
+    if abs(test["error"] - test["errors"] / test["n"]) > 1e-9:
+        problems.append(f"metrics/test: error {test['error']} is not errors / n = {test['errors']}/{test['n']}")
+    if test["errors"] > test["n"]:
+        problems.append(f"metrics/test: {test['errors']} errors on {test['n']} images")
+    sizes = {"test_set/n": manifest.get("test_set", {}).get("n"),
+             "data/test_file/n": manifest.get("data", {}).get("test_file", {}).get("n")}
+    problems += [f"{where}: {n} images, but metrics/test/n is {test['n']}" for where, n in sizes.items()
+                 if n is not None and n != test["n"]]
+    if not metrics["best_epoch"] < metrics["epochs_run"] == len(metrics["val_nll"]) == len(metrics["val_error"]):
+        problems.append("metrics: best_epoch, epochs_run and the validation curves do not agree")
+    return problems
+
+
+def split_digest(x: np.ndarray, y: np.ndarray) -> str:
+    """What KNOWN_TEST_SPLITS holds for a split: sha256 of its arrays' bytes."""
+    return hashlib.sha256(np.ascontiguousarray(x).tobytes() + np.ascontiguousarray(y, dtype=np.int64).tobytes()
+                          ).hexdigest()
 
 
 def name_error(name: str) -> str | None:

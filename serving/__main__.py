@@ -3,12 +3,11 @@
 Settings come from flags and DIGITSERVE_* variables (serving/config.py); --help lists them.
 """
 import logging
-import os
 import shutil
 import sys
-import tempfile
 
 from serving import config as settings
+from serving import metrics_files
 
 PROG = "python -m serving"
 
@@ -25,8 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("digitserve").setLevel(logging.INFO)
     # Every HTTP process counts into files here and /metrics sums them (prometheus_client's
     # multiprocess mode); it must be set before prometheus_client is first imported.
-    metrics_dir = tempfile.mkdtemp(prefix="digitserve-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    metrics_dir = metrics_files.open_folder(config.workers + 1)
     try:
         from serving import server
         from serving.service import StartupError
@@ -43,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
               f"http://{config.host}:{config.port}", file=sys.stderr)
         return server.run(litserver, service, processes)
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -4,26 +4,56 @@ LitServe's own request path hands every request to a separate worker process thr
 multiprocessing.Manager queue (an IPC round trip per request, plus a worker polling that queue
 every millisecond). On a 2-core machine that path ran at 0.2x the throughput of a plain FastAPI +
 ONNX Runtime endpoint (bench/RESULTS.md). Here requests queue in memory in the process that parsed
-them; a batch is whatever arrived while the previous batch ran (plus up to `batch_timeout`, up to
-`max_batch_size` images), and the models run in a thread, since ONNX Runtime and torch release the
-GIL, while the event loop keeps reading requests. How much may wait is bounded before requests
-get here (Service.admitted).
+them; a batch is whatever arrived while the previous batch ran (plus up to `batch_timeout`), never
+more than `max_batch_size` images: a larger request is cut into parts that go into successive
+batches, and is answered when its last part is. The models run in a thread, since ONNX Runtime and
+torch release the GIL, while the event loop keeps reading requests. How much may wait is bounded
+before requests get here (Service.admitted).
+
+Background work (/models/NAME/evaluate) queues apart and rides only in the room a batch has left
+once every waiting request is in it, so that it never delays a prediction by more than its own
+small part (BACKGROUND_PART images); a part that has waited BACKGROUND_MAX_WAIT seconds goes in anyway, so it finishes under
+constant load too.
 """
 import asyncio
 import gc
 import time
+from collections import deque
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from serving import inference
 from serving.metrics import Metrics
 
+BACKGROUND_MAX_WAIT = 0.1  # seconds
+BACKGROUND_PART = 32  # images: a background part costs a prediction that shares its batch little
+
+
+@dataclass(eq=False)
+class Request:
+    """One submitted request: its answers fill in as its parts come back."""
+    future: asyncio.Future
+    log_probs: list
+    parts_left: int
+    batch_images: int = 0  # the largest inference call any of its parts shared
+
+
+@dataclass(eq=False)
+class Part:
+    request: Request
+    offset: int
+    items: list  # (ServedModel, C x H x W array), at most max_batch_size of them
+    queued_at: float = field(default_factory=time.perf_counter)
+
 
 class DynamicBatcher:
     def __init__(self, metrics: Metrics, max_batch_size: int, batch_timeout: float):
         self.metrics = metrics
         self.max_batch_size, self.batch_timeout = max_batch_size, batch_timeout
-        self.queue: asyncio.Queue | None = None
+        self.waiting: deque[Part] = deque()
+        self.background: deque[Part] = deque()
+        self.arrived: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -33,7 +63,7 @@ class DynamicBatcher:
         # version a reload replaces is still freed, by its reference count.
         gc.collect()
         gc.freeze()
-        self.queue = asyncio.Queue()
+        self.arrived = asyncio.Event()
         self.task = asyncio.get_running_loop().create_task(self.run(), name="dynamic-batcher")
 
     async def stop(self) -> None:
@@ -44,46 +74,67 @@ class DynamicBatcher:
     def ready(self) -> bool:
         return self.task is not None and not self.task.done()
 
-    async def submit(self, items: list[tuple[inference.ServedModel, np.ndarray]]) -> tuple[list[np.ndarray], int]:
-        """Queue one request's images; resolves to (log-probabilities per image, images in the batch)."""
-        future = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait((items, future, time.perf_counter()))
+    async def submit(self, items: list[tuple[inference.ServedModel, np.ndarray]],
+                     background: bool = False) -> tuple[list[np.ndarray], int]:
+        """Queue one request's images; resolves to (log-probabilities per image, the most images an
+        inference call of it held)."""
+        request = Request(asyncio.get_running_loop().create_future(), [None] * len(items), 0)
+        queue, size = ((self.background, min(BACKGROUND_PART, self.max_batch_size)) if background
+                       else (self.waiting, self.max_batch_size))
+        for offset in range(0, len(items), size):
+            queue.append(Part(request, offset, items[offset:offset + size]))
+            request.parts_left += 1
         self.metrics.queue_images.inc(len(items))
-        return await future
+        self.arrived.set()
+        return await request.future
 
-    def take_waiting(self, batch: list, images: int) -> int:
-        while not self.queue.empty() and images < self.max_batch_size:
-            entry = self.queue.get_nowait()
-            batch.append(entry)
-            images += len(entry[0])
-        return images
+    def take(self) -> list[Part]:
+        """The next batch: waiting requests' parts in order while they fit, then a background part if
+        one fits (or has waited too long)."""
+        batch, images = [], 0
+        while self.waiting and images + len(self.waiting[0].items) <= self.max_batch_size:
+            images += len(self.waiting[0].items)
+            batch.append(self.waiting.popleft())
+        if self.background:
+            fits = not self.waiting and images + len(self.background[0].items) <= self.max_batch_size
+            if fits or not batch or time.perf_counter() - self.background[0].queued_at >= BACKGROUND_MAX_WAIT:
+                batch.append(self.background.popleft())
+        return batch
 
     async def run(self) -> None:
         while True:
+            await self.arrived.wait()
+            if self.batch_timeout > 0 and sum(len(part.items) for part in self.waiting) < self.max_batch_size:
+                await asyncio.sleep(self.batch_timeout)
+            batch = self.take()
+            if not batch:
+                self.arrived.clear()
+                continue
             # One batch per call: its requests (and the model versions they hold) are let go when it
             # returns, not when the next request arrives; an idle process frees a replaced version.
-            await self.run_batch([await self.queue.get()])
+            await self.run_batch(batch)
 
-    async def run_batch(self, batch: list) -> None:
-        images = self.take_waiting(batch, len(batch[0][0]))
-        if images < self.max_batch_size and self.batch_timeout > 0:
-            await asyncio.sleep(self.batch_timeout)
-            images = self.take_waiting(batch, images)
+    async def run_batch(self, batch: list[Part]) -> None:
+        images = sum(len(part.items) for part in batch)
         self.metrics.queue_images.dec(images)
         started = time.perf_counter()
-        for items, _, queued_at in batch:
-            for name in {model.name for model, _ in items}:
-                self.metrics.queue_seconds.labels(name).observe(started - queued_at)
+        for part in batch:
+            for name in {model.name for model, _ in part.items}:
+                self.metrics.queue_seconds.labels(name).observe(started - part.queued_at)
         try:
-            result = await asyncio.to_thread(inference.predict, [items for items, _, _ in batch])
+            result = await asyncio.to_thread(inference.predict, [part.items for part in batch])
         except Exception as err:  # a backend failure fails this batch's requests, not the batcher
-            for _, future, _ in batch:
-                if not future.done():
-                    future.set_exception(err)
+            for part in batch:
+                if not part.request.future.done():
+                    part.request.future.set_exception(err)
             return
         self.metrics.batch_size.observe(result.images)
         for name, seconds in result.seconds.items():
             self.metrics.inference_seconds.labels(name).observe(seconds)
-        for (_, future, _), log_probs in zip(batch, result.log_probs):
-            if not future.done():  # the client may have gone away
-                future.set_result((log_probs, result.images))
+        for part, log_probs in zip(batch, result.log_probs):
+            request = part.request
+            request.log_probs[part.offset:part.offset + len(log_probs)] = log_probs
+            request.batch_images = max(request.batch_images, result.images)
+            request.parts_left -= 1
+            if request.parts_left == 0 and not request.future.done():  # the client may have gone away
+                request.future.set_result((request.log_probs, request.batch_images))

@@ -5,6 +5,7 @@ same checks, and the flag wins. Bad values are refused here, before anything sta
 """
 import argparse
 import os
+import resource
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -27,6 +28,10 @@ class Config:
     max_queue: int = 64  # bench/overload.py: accepted p99 92-128 ms at 512 connections on 2 cores
     max_connections: int = 4096
     read_timeout: float = 15.0
+    send_timeout: float = 15.0
+    max_url_bytes: int = 8 << 10
+    max_header_count: int = 100
+    max_header_bytes: int = 32 << 10  # browsers' cookies stay far below; nginx's default buffers hold 32 KB
     data_dir: Path | None = None  # SVHN-layout test files named by manifests, for /evaluate
     reload_interval: float = 5.0
     api_key: str | None = None  # only from DIGITSERVE_API_KEY: a flag would show in `ps`
@@ -106,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open connections per HTTP process; beyond it requests get 503")
     p.add_argument("--read-timeout", type=seconds(0.1, 600), default=defaults.read_timeout,
                    help="seconds a request may take to arrive whole (headers and body); then 408")
+    p.add_argument("--send-timeout", type=seconds(0.1, 600), default=defaults.send_timeout,
+                   help="seconds a client may leave an answer untaken (its buffers full) before its connection is "
+                        "aborted")
+    p.add_argument("--max-url-bytes", type=integer(256, 1 << 20), default=defaults.max_url_bytes,
+                   help="longer request URLs get 414")
+    p.add_argument("--max-header-count", type=integer(8, 10_000), default=defaults.max_header_count,
+                   help="requests with more header lines get 431")
+    p.add_argument("--max-header-bytes", type=integer(1024, 1 << 24), default=defaults.max_header_bytes,
+                   help="requests whose header lines hold more bytes get 431")
     p.add_argument("--reload-interval", type=reload_interval, default=defaults.reload_interval,
                    help="seconds between looks at the exports folder for new, changed and removed models (0: only "
                         "on POST /models/reload or SIGHUP)")
@@ -145,4 +159,21 @@ def parse(argv: list[str] | None = None, environ: dict | None = None) -> Config:
             raise ConfigError(f"{name}={text}: choose from {', '.join(map(str, action.choices))}")
         values[action.dest] = value
     api_key = environ.get(env_name("api_key")) or None
-    return Config(**{f.name: values[f.name] for f in fields(Config) if f.name in values}, api_key=api_key)
+    config = Config(**{f.name: values[f.name] for f in fields(Config) if f.name in values}, api_key=api_key)
+    check_open_files(config.max_connections)
+    return config
+
+
+def open_files_needed(connections: int) -> int:
+    """Descriptors one HTTP process needs for `connections` connections, with room for its own files."""
+    return connections + 1024
+
+
+def check_open_files(connections: int) -> None:
+    """Refuse --max-connections that this process could never hold open (clients would be reset, not
+    answered 503): the server raises the soft limit up to the
+    hard one, not beyond."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and open_files_needed(connections) > hard:
+        raise ConfigError(f"--max-connections {connections} needs {open_files_needed(connections)} open files, and "
+                          f"this process may open at most {hard} (ulimit -Hn): lower it, or raise the limit")

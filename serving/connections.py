@@ -1,42 +1,131 @@
-"""What uvicorn's HTTP connections lack (checked against uvicorn UVICORN_CHECKED): a deadline for
-each request to arrive whole, and a stop that leaves no keep-alive client cut off mid-request.
+"""What uvicorn's HTTP connections lack (checked against uvicorn UVICORN_CHECKED): limits on what a
+request's head may hold, deadlines for a request to arrive and for its answer to be taken, and a
+stop that leaves no keep-alive client cut off mid-request.
 
-uvicorn times out only idle keep-alive connections; a client that sends its headers or its body a
-byte at a time (slowloris), or declares a Content-Length it never sends, holds a connection and a
-task forever. Here a request must arrive complete within `read_timeout` seconds of its first byte
-(or of the connection opening); else it is answered 408 and the connection closed.
+- uvicorn keeps every header line of a request in a Python list with no limit on their number or
+  size, nor on the URL's length: 100 MB of tiny header lines grew a process by 2.7 GB. Here the URL,
+  the header lines and the head's bytes are counted as they arrive, and a request over
+  `max_url_bytes` is answered 414, over `max_header_count` or `max_header_bytes` 431, before more of
+  it is kept.
+- uvicorn times out only idle keep-alive connections; a client that sends its headers or its body a
+  byte at a time (slowloris), or declares a Content-Length it never sends, holds a connection and a
+  task forever. Here a request must arrive complete within `read_timeout` seconds of its first byte
+  (or of the connection opening); else it is answered 408 and the connection closed.
+- A client that stops reading its answers holds its connection, and the answers, forever once the
+  socket's buffers are full. Here a connection whose writing stays paused, or that cannot finish
+  closing, for `send_timeout` seconds is aborted.
+- On a graceful stop uvicorn closes idle keep-alive connections at once, racing a client that is
+  sending its next request on one (it sees a reset). Here an idle connection lingers for
+  SHUTDOWN_LINGER seconds: a request that arrives is answered, with `Connection: close`.
 
-On a graceful stop uvicorn closes idle keep-alive connections at once, racing a client that is
-sending its next request on one (it sees a reset). Here an idle connection lingers for
-SHUTDOWN_LINGER seconds: a request that arrives is answered, with `Connection: close`.
+A refusal is written by the protocol itself, counted in `digitserve_http_refused_total{reason}`, and
+the connection half-closed: what the client still sends is read and dropped (closing with unread
+data would reset the connection and could destroy the answer) until it hangs up, or for at most
+REFUSAL_LINGER seconds.
 
 Used through uvicorn's own parameter for the protocol class (`http=`), which LitServe passes on.
 """
 import json
+from dataclasses import dataclass
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 UVICORN_CHECKED = "0.54.0"  # pyproject admits 0.54.x
 SHUTDOWN_LINGER = 2.0  # seconds: time for a client's next request even on a loaded machine (1 s raced in CI)
+REFUSAL_LINGER = 2.0  # seconds a refused connection is drained before it is closed
 
 
-def guarded_protocol(read_timeout: float) -> type:
+@dataclass(frozen=True)
+class Limits:
+    read_timeout: float
+    send_timeout: float
+    max_url_bytes: int
+    max_header_count: int
+    max_header_bytes: int
+
+
+class Refused(Exception):
+    """A request the protocol answers itself: its status, message and metric reason."""
+
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+
+
+PHRASES = {408: "Request Timeout", 414: "URI Too Long", 431: "Request Header Fields Too Large"}
+
+
+def guarded_protocol(limits: Limits, refused_counter) -> type:
+    """The protocol class; `refused_counter`: a prometheus Counter labelled by reason."""
+
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self.read_deadline = self.loop.call_later(read_timeout, self.request_too_slow)
+            self.read_deadline = self.loop.call_later(limits.read_timeout, self.request_too_slow)
+            self.send_deadline = None
             self.stopping = False
+            self.refused = False          # answered by the protocol: what still arrives is dropped
+            self.refusal: Refused | None = None
             self.awaiting_headers = True  # of a request not yet answered (self.cycle is the last one's)
+            self.head_bytes = 0           # bytes read while the head was incomplete (URL, headers)
 
         def connection_lost(self, exc) -> None:
             self.read_deadline.cancel()
+            if self.send_deadline is not None:
+                self.send_deadline.cancel()
             super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            """uvicorn's, with the refusals below. httptools holds an incomplete header line until it
+            ends, so the bytes of a head still incomplete after a read count towards its limit too."""
+            if self.refused:
+                return  # drained: the answer is on its way
+            self._unset_keepalive_if_required()
+            try:
+                self.parser.feed_data(data)
+                if self.awaiting_headers:
+                    self.head_bytes += len(data)
+                    if self.head_bytes > limits.max_url_bytes + limits.max_header_bytes:
+                        raise self.refusing(431, "headers_too_large",
+                                            f"the request's head exceeds {limits.max_header_bytes} bytes")
+            except (Refused, httptools.HttpParserError):
+                if self.refusal is not None:  # raised in a callback, which httptools wraps
+                    self.refuse(self.refusal)
+                    return
+                msg = "Invalid HTTP request received."
+                self.logger.warning(msg)
+                self.send_400_response(msg)
+            except httptools.HttpParserUpgrade:
+                if self._should_upgrade():
+                    self.handle_websocket_upgrade()
+                else:
+                    self._unsupported_upgrade_warning()
 
         def on_message_begin(self) -> None:  # the first byte of a request (the next one on a kept-alive connection)
             super().on_message_begin()
             self.awaiting_headers = True
+            self.head_bytes = self.header_bytes = self.header_count = 0
             self.read_deadline.cancel()
-            self.read_deadline = self.loop.call_later(read_timeout, self.request_too_slow)
+            self.read_deadline = self.loop.call_later(limits.read_timeout, self.request_too_slow)
+
+        def on_url(self, url: bytes) -> None:
+            if len(self.url) + len(url) > limits.max_url_bytes:
+                raise self.refusing(414, "url_too_long", f"the URL is longer than {limits.max_url_bytes} bytes")
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.header_count += 1
+            self.header_bytes += len(name) + len(value)
+            if self.header_count > limits.max_header_count:
+                raise self.refusing(431, "too_many_headers", f"more than {limits.max_header_count} header lines")
+            if self.header_bytes > limits.max_header_bytes:
+                raise self.refusing(431, "headers_too_large", f"the headers exceed {limits.max_header_bytes} bytes")
+            super().on_header(name, value)
+
+        def refusing(self, status: int, reason: str, message: str) -> "Refused":
+            self.refusal = Refused(status, reason, message)
+            return self.refusal
 
         def on_headers_complete(self) -> None:
             self.awaiting_headers = False
@@ -48,17 +137,59 @@ def guarded_protocol(read_timeout: float) -> type:
             self.read_deadline.cancel()
             super().on_message_complete()
 
+        def refuse(self, refusal: Refused) -> None:
+            refused_counter.labels(refusal.reason).inc()
+            self.answer(refusal.status, refusal.message)
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.cycle.disconnected = True  # the application's answer, if any, is not sent now
+
+        def answer(self, status: int, message: str) -> None:
+            """Answer without the application and half-close; the rest of what arrives is dropped."""
+            self.refused = True
+            self.read_deadline.cancel()
+            body = json.dumps({"error": message}).encode()
+            self.transport.write(f"HTTP/1.1 {status} {PHRASES[status]}\r\ncontent-type: application/json\r\n"
+                                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body)
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(REFUSAL_LINGER, self.close)
+
         def request_too_slow(self) -> None:
-            if self.transport.is_closing():
+            if self.transport.is_closing() or self.refused:
                 return
             if self.awaiting_headers or not self.cycle.response_started:  # else it was answered (413, 503) early
-                body = json.dumps({"error": f"the request did not arrive whole within {read_timeout:g} s"}).encode()
-                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                                     b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
-                                     + body)
+                refused_counter.labels("read_timeout").inc()
+                self.answer(408, f"the request did not arrive whole within {limits.read_timeout:g} s")
                 if not self.awaiting_headers:
                     self.cycle.disconnected = True  # the application's answer, if any, is not sent now
-            self.transport.close()
+            else:
+                self.close()
+
+        def pause_writing(self) -> None:
+            """The client is not taking what was written: it gets send_timeout seconds to start again."""
+            super().pause_writing()
+            if self.send_deadline is None:
+                self.send_deadline = self.loop.call_later(limits.send_timeout, self.send_too_slow)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self.send_deadline is not None:
+                self.send_deadline.cancel()
+                self.send_deadline = None
+
+        def send_too_slow(self) -> None:
+            refused_counter.labels("send_timeout").inc()
+            self.transport.abort()  # what it has not taken is dropped: closing would wait to flush it
+
+        def close(self) -> None:
+            """Close, and abort if the client does not take the rest of what was written in time."""
+            if not self.transport.is_closing():
+                self.transport.close()
+            if self.send_deadline is None:
+                self.send_deadline = self.loop.call_later(limits.send_timeout, self.send_too_slow)
+
+        def timeout_keep_alive_handler(self) -> None:
+            self.close()
 
         def shutdown(self) -> None:
             if self.cycle is None or self.cycle.response_complete:
@@ -69,7 +200,7 @@ def guarded_protocol(read_timeout: float) -> type:
                 super().shutdown()
 
         def close_if_idle(self) -> None:
-            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
-                self.transport.close()
+            if self.cycle is None or self.cycle.response_complete:
+                self.close()
 
     return GuardedHttpToolsProtocol

@@ -105,11 +105,6 @@ def convert(image: Image.Image, color: str) -> np.ndarray:
     return np.asarray(image.convert(target))  # CMYK, YCbCr, 1, ... all convert
 
 
-def size_error(width: int, height: int, accepted: list[tuple[int, int]]) -> InputError:
-    names = " or ".join(f"{w}x{h}" for h, w in accepted)
-    return InputError(f"image is {width}x{height}; accepted sizes: {names} (or pass resize=true)", 422)
-
-
 def model_input(pixels8: np.ndarray, spec: dict, invert: bool) -> np.ndarray:
     """8-bit pixels of the model's exact size (H x W or H x W x 3) -> one C x H x W array in the
     model's dtype and range."""
@@ -263,23 +258,13 @@ def as_pixels(array: np.ndarray) -> list:
     return np.round(values.astype(np.float64), 2).tolist()
 
 
-def pixels_array(value: object, specs: dict[str, dict], invert: bool) -> tuple[str, np.ndarray]:
-    """A raw pixel array from JSON: 8x8 on 0..16 (digits) or 32x32x3 on 0..255 (SVHN).
-
-    Returns the task it belongs to and the model-ready C x H x W array.
-    """
-    array = numbers(value, "pixels[] entries must be rectangular arrays of numbers")
-    for task, spec in specs.items():
-        channels, height, width = spec["shape"][1:]
-        expected = (height, width) if channels == 1 else (height, width, channels)
-        if array.shape == expected:
-            problem = value_problem(array, spec)
-            if problem:
-                raise InputError(f"{task} pixel {problem}", 422)
-            if invert:
-                array = spec["range"][1] - array
-            chw = array[None] if channels == 1 else array.transpose(2, 0, 1)
-            return task, np.ascontiguousarray(chw).astype(spec["dtype"])
-    shapes = " or ".join("x".join(map(str, s["shape"][2:] if s["shape"][1] == 1 else s["shape"][2:] + [s["shape"][1]]))
-                         for s in specs.values())
-    raise InputError(f"pixels[] entry has shape {'x'.join(map(str, array.shape)) or 'scalar'}; accepted: {shapes}", 422)
+def pixels_input(array: np.ndarray, spec: dict, invert: bool) -> np.ndarray:
+    """A raw pixel array of the model's shape (H x W, or H x W x C) -> its C x H x W array, checked
+    against the model's range and dtype."""
+    problem = value_problem(array, spec)
+    if problem:
+        raise InputError(f"pixel {problem}", 422)
+    if invert:
+        array = spec["range"][1] - array
+    chw = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return np.ascontiguousarray(chw).astype(spec["dtype"])

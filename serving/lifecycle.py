@@ -20,22 +20,29 @@ place file by file is rejected until its files match their manifest, then served
 import asyncio
 import logging
 import os
-from collections import defaultdict, deque
-from dataclasses import dataclass, field
+import time
+from collections import deque
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import export_contract as contract
-from serving import images, registry, test_data
+from export_contract.test_split import TestSplitError
+from serving import registry, test_data
 from serving.config import Config
-from serving.errors import InputError, ModelNotFound, ModelUnavailable
+from serving.errors import InputError
 from serving.inference import LoadError, ServedModel, load_runner, run_all
 from serving.metrics import Metrics
+from serving.routing import Catalog
 
 log = logging.getLogger("digitserve")
 
 HISTORY_LENGTH = 50  # events kept per model name
-RETRYABLE_STEPS = {"load", "test_split", "unexpected"}  # may pass on another try with the same folder
+# Steps that may pass on another try with the same files (memory, a driver, a bug's circumstances).
+# A missing or wrong test file in --data-dir is not among them: a change there is seen by every look.
+RETRYABLE_STEPS = {"load", "unexpected"}
+RETRY_SECONDS = 30  # an asked-for reload checks such a version again at most this often
+CHECK_SECONDS = 300  # checking one folder (read, load, verify) longer than this rejects it, freeing the look
 
 
 class Rejected(Exception):
@@ -45,46 +52,6 @@ class Rejected(Exception):
     def __init__(self, version: str | None, reason: str, step: str):
         super().__init__(reason)
         self.version, self.reason, self.step = version, reason, step
-
-
-@dataclass(frozen=True)
-class Catalog:
-    """The model versions this process serves at one moment, with what routing needs from them."""
-    served: dict[str, ServedModel] = field(default_factory=dict)
-    unavailable: dict[str, str] = field(default_factory=dict)   # name -> why it is not served
-    task_specs: dict[str, dict] = field(default_factory=dict)   # task -> input spec (one image shape per task)
-    defaults: dict[str, str] = field(default_factory=dict)      # task -> the model answering it by default
-
-    @classmethod
-    def of(cls, served: dict[str, ServedModel], unavailable: dict[str, str]) -> "Catalog":
-        task_specs, defaults = {}, {}
-        for name in sorted(served):
-            task = served[name].manifest["task"]
-            task_specs.setdefault(task, served[name].manifest["input"])
-            if task not in defaults or name == f"{task}-cnn":
-                defaults[task] = name
-        return cls(dict(sorted(served.items())), dict(unavailable), task_specs, defaults)
-
-    @property
-    def names(self) -> list[str]:
-        return sorted({*self.served, *self.unavailable})
-
-    @property
-    def accepted_sizes(self) -> list[tuple[int, int]]:
-        return [images.spec_size(spec) for spec in self.task_specs.values()]
-
-    def model(self, name: str) -> ServedModel:
-        """The served version of `name`; 404 naming the known models, or 503 saying why it is unavailable."""
-        if name in self.served:
-            return self.served[name]
-        if name in self.unavailable:
-            raise ModelUnavailable(f"model {name!r} is unavailable: {self.unavailable[name]}")
-        raise ModelNotFound(f"unknown model {name!r}; known: {', '.join(self.names)}")
-
-    def default_model(self, task: str) -> ServedModel:
-        if task not in self.defaults:
-            raise InputError(f"no {task} model is served for this image size", 422)
-        return self.served[self.defaults[task]]
 
 
 def folder_stamp(folder: Path, tries: int = 3) -> tuple | None:
@@ -100,6 +67,33 @@ def folder_stamp(folder: Path, tries: int = 3) -> tuple | None:
     return None
 
 
+def data_dir_stamp(data_dir: Path | None) -> tuple | None:
+    """What changes when a test file in the data folder (--data-dir) appears, goes or changes."""
+    if data_dir is None:
+        return None
+    try:
+        return tuple(sorted((e.name, st.st_size, st.st_mtime_ns) for e in os.scandir(data_dir) if e.is_file()
+                            for st in [e.stat()]))
+    except OSError:
+        return ()
+
+
+@dataclass(eq=False)
+class Look:
+    """A look at the exports folder that asks wait for; `retry` if any of them asked for it."""
+    retry: bool
+    task: asyncio.Task | None = None
+
+
+def as_rejected(name: str, err: Exception) -> "Rejected":
+    if isinstance(err, Rejected):
+        return err
+    if isinstance(err, TimeoutError):
+        return Rejected(None, f"checking it took longer than {CHECK_SECONDS} s", "unexpected")
+    log.error("model %s: checking the new folder failed", name, exc_info=err)
+    return Rejected(None, f"checking it failed unexpectedly ({type(err).__name__}: see the server's log)", "unexpected")
+
+
 def build(folder: Path, config: Config, device: str, previous: ServedModel | None) -> ServedModel:
     """One model folder, checked, loaded, warmed and verified on its test split; raises Rejected.
     `previous`: the version it would replace, if any."""
@@ -108,11 +102,14 @@ def build(folder: Path, config: Config, device: str, previous: ServedModel | Non
     try:
         if not entry.available:
             raise Rejected(version, entry.error, "export")
+        try:  # before loading: a split that is not what it claims costs nothing to refuse
+            curves, split = entry.content(entry.manifest["curves"]), test_data.embedded(entry)
+        except TestSplitError as err:
+            raise Rejected(version, str(err), "export") from None
         try:
             runner = load_runner(entry, config.backend, device)
         except LoadError as err:
             raise Rejected(version, str(err), "load") from None
-        curves, split = entry.content(entry.manifest["curves"]), test_data.embedded(entry)
         if split is None and config.data_dir is None and "test_file" in entry.manifest.get("data", {}):
             # Trained on SVHN, whose test file this server was not given: served, marked unverified,
             # unless it would replace a version that was verified.
@@ -143,12 +140,14 @@ class Lifecycle:
     def __init__(self, config: Config, device: str, metrics: Metrics):
         self.config, self.device, self.metrics = config, device, metrics
         self.catalog = Catalog()
-        self.stamps: dict[str, tuple] = {}
-        self.history: dict[str, deque] = defaultdict(lambda: deque(maxlen=HISTORY_LENGTH))
+        self.stamps: dict[str, tuple] = {}    # name -> what its folder (and the data folder) looked like when checked
+        self.history: dict[str, deque] = {}   # name -> its events; only names of folders ever found
         self.info: dict[str, tuple] = {}      # name -> its digitserve_model_info labels now set to 1
         self.rejected: dict[str, tuple] = {}  # name -> its digitserve_model_rejected labels now set to 1
-        self.retryable: set[str] = set()      # names whose last version failed for a cause outside its folder
-        self.lock = asyncio.Lock()        # one reload at a time: the poll, the route and SIGHUP queue up
+        self.retryable: dict[str, float] = {}  # name -> when its last version failed for a cause outside its files
+        self.lock = asyncio.Lock()            # one look at a time
+        self.next_look: Look | None = None    # the look that asks made during the current one wait for
+        self.emptied = False                  # the folder was found empty and the models kept
         self.task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -170,49 +169,80 @@ class Lifecycle:
 
     async def reload(self, retry: bool = False) -> list[dict]:
         """Bring the catalog in line with the exports folder; returns what changed (history events).
-        `retry` (asked for: POST /models/reload, SIGHUP): also check again the versions rejected for a
-        cause outside their folder (a load failure, the data folder's test file), which polls leave be."""
+        `retry` (asked for: POST /models/reload, SIGHUP): also check again a version that failed for a
+        cause outside its files (loading it, a bug), at most once a RETRY_SECONDS.
+
+        Asks are coalesced: every ask made while a look runs waits for the one look that starts after
+        it, which sees the folder as it was when they asked. Twenty asks cost at most two looks."""
+        look = self.next_look
+        if look is None:
+            look = self.next_look = Look(retry)
+            look.task = asyncio.get_running_loop().create_task(self.look_when_free(look))
+        look.retry |= retry
+        return await asyncio.shield(look.task)  # a caller that goes away does not cancel it for the others
+
+    async def look_when_free(self, look: "Look") -> list[dict]:
         async with self.lock:
+            self.next_look = None  # asks from now on wait for the next look
+            return await self.look(look.retry)
+
+    async def look(self, retry: bool) -> list[dict]:
+        try:
+            folders = await asyncio.to_thread(registry.model_folders, self.config.exports)
+        except OSError as err:  # a volume briefly away must not unload every model
+            log.error("cannot read the exports folder %s (%s): serving what was loaded", self.config.exports,
+                      err.strerror)
+            return []
+        if not folders and self.catalog.served:  # an unmounted volume looks like this too
+            if not self.emptied:
+                log.error("the exports folder %s is empty: keeping the %d models served until one is published "
+                          "again", self.config.exports, len(self.catalog.served))
+            self.emptied = True
+            return []
+        self.emptied = False
+        found = {registry.display_name(folder): folder for folder in folders}
+        outside = await asyncio.to_thread(data_dir_stamp, self.config.data_dir)
+        served, unavailable = dict(self.catalog.served), dict(self.catalog.unavailable)
+        events = []
+        for name in sorted(set(self.stamps) - set(found)):
+            del self.stamps[name]
+            self.retryable.pop(name, None)
+            gone = served.pop(name, None)
+            unavailable.pop(name, None)
+            events.append(self.record(name, "removed", gone.version if gone else None))
+        for name, folder in found.items():
+            stamp = await asyncio.to_thread(folder_stamp, folder)
+            if stamp is None:
+                continue  # changing right now: the next look decides
+            stamp = (*stamp, outside)
+            if self.stamps.get(name) == stamp and not (retry and self.due_for_retry(name)):
+                continue
+            self.stamps[name] = stamp
+            self.metrics.models.add(name)
             try:
-                folders = await asyncio.to_thread(registry.model_folders, self.config.exports)
-            except OSError as err:  # a volume briefly away must not unload every model
-                log.error("cannot read the exports folder %s (%s): serving what was loaded", self.config.exports, err)
-                return []
-            found = {folder.name: folder for folder in folders}
-            served, unavailable = dict(self.catalog.served), dict(self.catalog.unavailable)
-            events = []
-            for name in sorted(set(self.stamps) - set(found)):
-                del self.stamps[name]
-                self.retryable.discard(name)
-                gone = served.pop(name, None)
-                unavailable.pop(name, None)
-                events.append(self.record(name, "removed", gone.version if gone else None))
-            for name, folder in found.items():
-                stamp = await asyncio.to_thread(folder_stamp, folder)
-                if stamp is None or (self.stamps.get(name) == stamp and not (retry and name in self.retryable)):
-                    continue  # unchanged, or changing right now: the next look decides
-                self.stamps[name] = stamp
-                self.metrics.models.add(name)
-                try:
-                    model = await asyncio.to_thread(build, folder, self.config, self.device, served.get(name))
-                except Exception as err:  # Rejected, or a bug: either way this version is not served
-                    if not isinstance(err, Rejected):
-                        log.exception("model %s: checking the new folder failed", name)
-                        err = Rejected(None, f"checking it failed unexpectedly ({type(err).__name__}: see the log)",
-                                       "unexpected")
-                    if name not in served:
-                        unavailable[name] = err.reason
-                    if err.step in RETRYABLE_STEPS:
-                        self.retryable.add(name)
-                    events.append(self.record(name, "rejected", err.version, err.reason, step=err.step))
-                    continue
-                self.retryable.discard(name)
-                served[name] = model
-                unavailable.pop(name, None)
-                events.append(self.record(name, "served", model.version, model.verified.get("reason"), model))
-            if events:
-                self.catalog = Catalog.of(served, unavailable)
-            return events
+                model = await asyncio.wait_for(
+                    asyncio.to_thread(build, folder, self.config, self.device, served.get(name)), CHECK_SECONDS)
+            except Exception as err:  # Rejected, or a bug: either way this version is not served
+                err = as_rejected(name, err)
+                if name not in served:
+                    unavailable[name] = err.reason
+                if err.step in RETRYABLE_STEPS:
+                    self.retryable[name] = time.monotonic()
+                else:
+                    self.retryable.pop(name, None)
+                events.append(self.record(name, "rejected", err.version, err.reason, step=err.step))
+                continue
+            self.retryable.pop(name, None)
+            served[name] = model
+            unavailable.pop(name, None)
+            events.append(self.record(name, "served", model.version, model.verified.get("reason"), model))
+        if events:
+            self.catalog = Catalog.of(served, unavailable)
+        return events
+
+    def due_for_retry(self, name: str) -> bool:
+        failed = self.retryable.get(name)
+        return failed is not None and time.monotonic() - failed >= RETRY_SECONDS
 
     def record(self, name: str, event: str, version: str | None, reason: str | None = None,
                model: ServedModel | None = None, step: str | None = None) -> dict:
@@ -221,7 +251,7 @@ class Lifecycle:
         entry = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "event": event, "version": version}
         if reason:
             entry["reason" if event == "rejected" else "note"] = reason
-        self.history[name].append(entry)
+        self.history.setdefault(name, deque(maxlen=HISTORY_LENGTH)).append(entry)
         self.metrics.reloads.labels(name, event).inc()
         level = logging.ERROR if event == "rejected" else logging.INFO
         where = f" on {model.runner.device} ({model.runner.provider})" if model is not None else ""

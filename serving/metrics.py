@@ -1,26 +1,23 @@
 """Prometheus metrics through prometheus_client, whole-server totals whichever process is scraped.
 
 With several HTTP processes, prometheus_client's multiprocess mode keeps every process's values in
-files under PROMETHEUS_MULTIPROC_DIR (set by `python -m serving` before anything imports
-prometheus_client) and /metrics sums them. Label values come only from known sets: model names the
+files under PROMETHEUS_MULTIPROC_DIR (serving/metrics_files.py: set by `python -m serving` before
+anything imports prometheus_client) and /metrics sums them. Label values come only from known sets: model names the
 server loaded, route templates, standard methods, status codes; anything else counts as "other",
 so no request can add a series or break the exposition format.
 """
-import os
 import time
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
                                multiprocess)
+
+from serving import metrics_files
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST  # of render()'s text
 OTHER = "other"
 METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-def multiprocess_dir() -> str | None:
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 
 
 class Metrics:
@@ -47,6 +44,10 @@ class Metrics:
                                            buckets=LATENCY_BUCKETS, registry=r)
         self.queue_images = Gauge("digitserve_queue_images", "Images waiting in the batcher queues now.",
                                   multiprocess_mode="livesum", registry=r)
+        self.refused = Counter("digitserve_http_refused", "Requests the HTTP protocol answered itself, by reason: "
+                               "url_too_long (414), too_many_headers and headers_too_large (431), read_timeout (408); "
+                               "send_timeout: connections aborted because the client stopped taking answers.",
+                               ["reason"], registry=r)
         self.shed = Counter("digitserve_shed_requests",
                             "Inference requests answered 503 at once: the process was at --max-queue.", registry=r)
         self.in_flight = Gauge("digitserve_requests_in_progress", "Inference requests admitted and not yet answered.",
@@ -72,7 +73,7 @@ class Metrics:
         self.request_seconds.labels(route).observe(seconds)
 
     def render(self) -> bytes:
-        if multiprocess_dir():
+        if metrics_files.folder():
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry)

@@ -1,17 +1,26 @@
 """The exports folder, read: every model's manifest validated and every file it serves checked.
 
 A broken export is listed as unavailable with its reason; the rest are served. The checks are the
-export contract's (export_contract): the schema the server ships with, and the sha256 of each file
-the server reads, which must be a regular file directly inside the export's folder. Each file is
-read once, and what was checked is what is used (`contents`): a folder replaced meanwhile cannot
-pair one version's manifest with another's files.
+export contract's (export_contract): the schema the server ships with, figures that agree with each
+other, and the sha256 of each file the server reads, which must be a regular file directly inside
+the export's folder and no larger than its kind allows (export_contract.reader). Each file is read
+once, and what was checked is what is used (`contents`): a folder replaced meanwhile cannot pair one
+version's manifest with another's files. Whatever goes wrong reading one folder makes that folder
+unavailable, never the server.
+
+Folder names come from the filesystem: one that is not a model name (non-UTF-8 bytes, a newline, a
+space) is listed under an escaped form, which is what reaches JSON, log lines and metric labels.
 """
 import json
-import stat
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import export_contract as contract
+from export_contract.reader import FolderError, read_regular
+
+log = logging.getLogger("digitserve")
 
 
 class ExportsError(Exception):
@@ -35,58 +44,75 @@ class ModelEntry:
         return self.contents[item["file"]]
 
 
-def read_checked(folder: Path, item: dict) -> tuple[bytes | None, str | None]:
-    """A file the manifest lists, read once: (its bytes, None), or (None, why it must not be used:
-    missing, not a plain file, altered)."""
-    path = folder / item["file"]
-    try:
-        mode = path.lstat().st_mode
-        if not stat.S_ISREG(mode):  # a symlink could point anywhere (/etc/passwd); a FIFO would block the read
-            return None, f"{item['file']} is not a regular file"
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None, f"{item['file']} is missing"
+def display_name(folder: Path) -> str:
+    """The folder's name where it is a model name; otherwise an ASCII escape of it (no newline, no
+    undecodable bytes) that tells it apart from every other name."""
+    return folder.name if contract.name_error(folder.name) is None else ascii(folder.name)[1:-1]
+
+
+def read_checked(folder: Path, item: dict, kind: str) -> bytes:
+    """A file the manifest lists, read once and matched against its sha256; FolderError otherwise."""
+    data = read_regular(folder, item["file"], kind)
     if contract.sha256_bytes(data) != item["sha256"]:
-        return None, f"{item['file']} does not match the sha256 in its manifest"
-    return data, None
+        raise FolderError(f"{item['file']} does not match the sha256 in its manifest")
+    return data
+
+
+def read_manifest(folder: Path) -> dict:
+    """model.json, parsed and checked against the contract; FolderError saying what is wrong."""
+    if contract.name_error(folder.name) is not None:
+        raise FolderError(f"the folder's name is not a model name (it must match "
+                          f"{contract.schema()['properties']['name']['pattern']}): rename it")
+    try:
+        text = read_regular(folder, contract.MANIFEST_FILE, "manifest")
+    except FolderError as err:
+        if str(err) == f"{contract.MANIFEST_FILE} is missing":
+            raise FolderError(f"no {contract.MANIFEST_FILE}: export a run into it (python -m training export "
+                              "RUN_DIR --to EXPORTS) rather than copying model files by hand") from None
+        raise
+    try:
+        manifest = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise FolderError(f"{contract.MANIFEST_FILE} is not valid JSON: {str(err)[:200]}") from None
+    except RecursionError:
+        raise FolderError(f"{contract.MANIFEST_FILE} is nested too deeply to be a manifest") from None
+    if isinstance(manifest, dict) and manifest.get("schema_version") != contract.SCHEMA_VERSION:
+        raise FolderError(f"schema_version {str(manifest.get('schema_version'))[:20]} is not "
+                          f"{contract.SCHEMA_VERSION}: export the run again (python -m training export RUN_DIR)")
+    try:
+        problems = contract.manifest_errors(manifest)
+    except RecursionError:
+        problems = ["nested too deeply"]
+    if problems:
+        raise FolderError(f"{contract.MANIFEST_FILE} does not follow the contract: " + "; ".join(problems[:5]))
+    if manifest["name"] != folder.name:
+        raise FolderError(f"manifest name {manifest['name']!r} does not match its folder {folder.name!r}: export "
+                          f"it again with --name {folder.name}, or rename the folder")
+    return manifest
 
 
 def check_export(folder: Path, backend: str) -> ModelEntry:
-    """Validate one export folder's manifest and every file the service will read from it."""
-    entry = ModelEntry(name=folder.name, folder=folder)
+    """Validate one export folder's manifest and read every file the service will use from it."""
+    entry = ModelEntry(name=display_name(folder), folder=folder)
     try:
-        manifest = json.loads((folder / contract.MANIFEST_FILE).read_text())
-    except FileNotFoundError:
-        entry.error = f"no {contract.MANIFEST_FILE}"
-        return entry
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        entry.error = f"{contract.MANIFEST_FILE} is not valid JSON: {err}"
-        return entry
-    if isinstance(manifest, dict) and manifest.get("schema_version") != contract.SCHEMA_VERSION:
-        entry.error = (f"schema_version {manifest.get('schema_version')} is not {contract.SCHEMA_VERSION}: export the "
-                       f"run again (python -m training export RUN_DIR)")
-        return entry
-    problems = contract.schema_errors(manifest)
-    if problems:
-        entry.error = f"{contract.MANIFEST_FILE} does not follow the schema: " + "; ".join(problems[:5])
-        return entry
-    if manifest["name"] != folder.name:
-        entry.error = f"manifest name {manifest['name']!r} does not match its folder {folder.name!r}"
-        return entry
-    entry.manifest = manifest
-    for item in [manifest["artifacts"][backend], manifest["curves"], *([manifest["test_set"]] if "test_set" in manifest
-                                                                       else [])]:
-        data, entry.error = read_checked(folder, item)
-        if entry.error:
-            entry.contents.clear()
-            return entry
-        entry.contents[item["file"]] = data
+        entry.manifest = read_manifest(folder)
+        for item, kind in [(entry.manifest["artifacts"][backend], "artifact"), (entry.manifest["curves"], "curves"),
+                           *([(entry.manifest["test_set"], "test_set")] if "test_set" in entry.manifest else [])]:
+            entry.contents[item["file"]] = read_checked(folder, item, kind)
+    except FolderError as err:
+        entry.error = str(err)
+    except Exception as err:  # a bug must cost this folder, not the server
+        log.exception("model %s: reading its folder failed", entry.name)
+        entry.error = f"reading it failed unexpectedly ({type(err).__name__}: see the server's log)"
+    if entry.error:
+        entry.contents.clear()
     return entry
 
 
 def model_folders(exports_dir: Path) -> list[Path]:
     """Every model folder, in name order: the sub-folders, but not hidden ones (exports being written)."""
-    return sorted(p for p in exports_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    with os.scandir(exports_dir) as entries:
+        return sorted(Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir())
 
 
 def scan(exports_dir: Path, backend: str) -> list[ModelEntry]:

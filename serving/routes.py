@@ -128,11 +128,11 @@ async def predict(request: Request):
     model, invert, resize = (options[name] if options[name] is not None else query[name]
                              for name in ("model", "invert", "resize"))
     async with service.admitted():
-        items = await service.prepare(inputs, model, invert, bool(resize))
-        request.state.model = items[0][0].name
-        log_probs, batch_images = await service.infer(items)
-    return {"predictions": [prediction(label, served, rows, batch_images, array if kind == "bytes" else None)
-                            for (label, kind, _), (served, array), rows in zip(inputs, items, log_probs)]}
+        routed = await service.prepare(inputs, model, invert, bool(resize))
+        request.state.model = routed[0].model.name
+        log_probs, batch_images = await service.infer([(r.model, r.array) for r in routed])
+    return {"predictions": [prediction(label, r.model, rows, batch_images, r.array if kind == "bytes" else None)
+                            for (label, kind, _), r, rows in zip(inputs, routed, log_probs)]}
 
 
 def prediction(label: str, served: ServedModel, log_probs: np.ndarray, batch_images: int,
@@ -212,12 +212,11 @@ async def get_model(name: str, request: Request):
     """An unavailable model answers too (no manifest): its history says which versions failed and why."""
     service = service_of(request)
     catalog = service.catalog
-    history = {"history": list(service.lifecycle.history[name])}
     if name in catalog.unavailable:
-        return {**service.summary(name, catalog), **history}
-    served = catalog.model(name)
+        return {**service.summary(name, catalog), "history": list(service.lifecycle.history.get(name, ()))}
+    served = catalog.model(name)  # 404 for a name no folder ever had: nothing is kept of it
     return {**service.summary(name, catalog), "manifest": served.manifest, "curves_url": f"/models/{name}/curves.png",
-            **history}
+            "history": list(service.lifecycle.history.get(name, ()))}
 
 
 @router.get("/models/{name}/curves.png", dependencies=AUTH, responses=schemas.ERROR_RESPONSES, tags=["models"],
@@ -230,16 +229,15 @@ async def get_curves(name: str, request: Request):
              responses=schemas.ERROR_RESPONSES, tags=["models"],
              summary="Run the held-out test split through the served backend now (SVHN: from --data-dir)")
 async def evaluate(name: str, request: Request):
+    """At low priority: one evaluation at a time per process, its images riding in the room that
+    predictions leave in each batch (serving/batcher.py)."""
     service = service_of(request)
     served = service.catalog.model(name)
     started = time.perf_counter()
-    log_probs = []
-    async with service.admitted():  # before reading: the official SVHN file is 64 MB
+    async with service.admitted(), service.evaluating:  # before reading: the official SVHN file is 64 MB
         x, y = served.test_split or await asyncio.to_thread(test_data.from_data_dir, served.entry,
                                                             service.config.data_dir)
-        for start in range(0, len(y), MAX_IMAGES_PER_REQUEST):
-            chunk = x[start:start + MAX_IMAGES_PER_REQUEST]
-            log_probs += (await service.infer([(served, array) for array in chunk]))[0]
+        log_probs, _ = await service.infer([(served, array) for array in x], background=True)
     measured = contract.test_metrics(np.stack(log_probs), y)
     recorded = {k: served.manifest["metrics"]["test"][k] for k in ("nll", "error", "errors", "n")}
     return {"model": name, "version": served.version, "backend": service.config.backend, "served": measured,
@@ -297,6 +295,9 @@ async def unexpected_error(request: Request, err: Exception) -> JSONResponse:
 def install(app: FastAPI, service: Service) -> None:
     """The digitserve routes, the v2 protocol and the error mapping, on `app`."""
     app.state.service = service
+    # Starlette would answer /models/ with a redirect to an absolute URL built from the Host header;
+    # a path with a trailing slash is simply not a route.
+    app.router.redirect_slashes = False
     app.title = "digitserve"
     app.description = "Digit classification (8x8 digits, 32x32 SVHN) over exported ONNX/TorchScript models."
     app.include_router(router)

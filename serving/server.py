@@ -33,8 +33,8 @@ from fastapi import APIRouter
 from starlette.routing import Route
 
 from serving import routes
-from serving.config import Config
-from serving.connections import guarded_protocol
+from serving.config import Config, open_files_needed
+from serving.connections import Limits, guarded_protocol
 from serving.metrics import RequestMetrics
 from serving.service import Service, StartupError
 
@@ -163,9 +163,9 @@ def return_freed_memory() -> None:
 
 def allow_many_connections(connections: int) -> None:
     """Raise the open-files limit (often 1024) to what --max-connections in each of the processes
-    needs, with room for the process's own files, within the hard limit."""
+    needs, within the hard limit (which config.check_open_files made sure is enough)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = connections + 1024
+    wanted = open_files_needed(connections)
     if soft != resource.RLIM_INFINITY and soft < wanted:
         limit = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
@@ -231,6 +231,11 @@ def build(config: Config) -> tuple[ls.LitServer, Service, HttpProcesses]:
     routes.install(server.app, service)
     server.app.include_router(processes.router)
     return server, service, processes
+
+
+def limits(config: Config) -> Limits:
+    return Limits(config.read_timeout, config.send_timeout, config.max_url_bytes, config.max_header_count,
+                  config.max_header_bytes)
 
 
 def check_can_listen(host: str, port: int) -> None:
@@ -332,7 +337,7 @@ def run(server: ls.LitServer, service: Service, processes: HttpProcesses) -> int
     try:
         # The keyword arguments after LitServe's own go to uvicorn: our connection guards, and its cap.
         server.run(host=config.host, port=config.port, num_api_servers=config.workers, generate_client_file=False,
-                   log_level="warning", http=guarded_protocol(config.read_timeout),
+                   log_level="warning", http=guarded_protocol(limits(config), service.metrics.refused),
                    limit_concurrency=config.max_connections)
     except KeyboardInterrupt:
         pass  # a stop that arrived while LitServe was already draining

@@ -15,14 +15,16 @@ from contextlib import asynccontextmanager
 import numpy as np
 from prometheus_client import multiprocess
 
-from serving import images, registry, test_data
+from serving import images, registry, routing, test_data
 from serving.backends import BACKENDS, BackendError
 from serving.batcher import DynamicBatcher
 from serving.config import Config
 from serving.errors import InputError, Overloaded, Unauthorized
 from serving.inference import LoadError, ServedModel, load_runner
-from serving.lifecycle import Catalog, Lifecycle
-from serving.metrics import Metrics, multiprocess_dir
+from serving.lifecycle import Lifecycle
+from serving.routing import Catalog, Routed
+from serving import metrics_files
+from serving.metrics import Metrics
 
 
 MAX_IMAGES_PER_REQUEST = 256
@@ -67,11 +69,13 @@ class Service:
         if not any(e.available for e in self.entries.values()):
             reasons = "; ".join(f"{name}: {e.error}" for name, e in self.entries.items()) or "the folder is empty"
             raise StartupError(f"no usable model in {config.exports} ({reasons})")
+        metrics_files.reserve()
         self.metrics = Metrics(models=self.entries)
         self.lifecycle = Lifecycle(config, self.device, self.metrics)
         self.batcher: DynamicBatcher | None = None
         self.decoders: ThreadPoolExecutor | None = None
         self.in_progress = 0  # inference requests this process has admitted and not yet answered
+        self.evaluating = asyncio.Lock()  # one /evaluate at a time: it is background work
         self.notify_other_processes = None  # set by serving/server.py: asks every HTTP process to reload
 
     @property
@@ -84,6 +88,7 @@ class Service:
     async def start(self) -> None:
         """Load, warm and verify this process's models on their device, then batch (before it accepts
         connections); from then on follow the exports folder."""
+        metrics_files.reserve()  # before this process's first metric update
         await self.lifecycle.start()
         self.decoders = ThreadPoolExecutor(max_workers=decoder_threads(), thread_name_prefix="decode")
         self.batcher = DynamicBatcher(self.metrics, self.config.max_batch_size, self.config.batch_timeout)
@@ -95,7 +100,7 @@ class Service:
             await self.batcher.stop()
         if self.decoders is not None:
             self.decoders.shutdown(wait=False, cancel_futures=True)
-        if multiprocess_dir():
+        if metrics_files.folder():
             multiprocess.mark_process_dead(os.getpid())  # its live gauges (queue depth) leave the totals
 
     @property
@@ -140,7 +145,7 @@ class Service:
             self.metrics.in_flight.dec()
 
     async def prepare(self, inputs: list[tuple[str, str, object]], model: str | None, invert: bool | None,
-                      resize: bool) -> list[tuple[ServedModel, np.ndarray]]:
+                      resize: bool) -> list[Routed]:
         """Every input of one request -> (the model version that answers it, model-ready array), all
         from one catalog: a reload meanwhile does not split a request between versions.
 
@@ -167,53 +172,17 @@ class Service:
         return await asyncio.get_running_loop().run_in_executor(self.decoders, self.decode_all, catalog, opened,
                                                                 model, invert, resize)
 
-    def decode_all(self, catalog: Catalog, opened, model, invert, resize) -> list[tuple[ServedModel, np.ndarray]]:
-        return [self.prepare_image(catalog, value, model, invert, resize) if kind == "bytes" else
-                self.prepare_pixels(catalog, value, model, invert) for kind, value in opened]
-
-    def prepare_image(self, catalog: Catalog, image, model: str | None, invert: bool | None,
-                      resize: bool) -> tuple[ServedModel, np.ndarray]:
-        served = catalog.model(model) if model is not None else self.route_by_size(catalog, image, resize)
-        image = images.decode(image)  # after routing: a size no model takes is 422 before decoding
-        if model is None and self.grey_photo_for_svhn(catalog, served, image):
-            served = catalog.default_model("digits")  # a scan or a drawing saved as RGB (JPEG, a canvas PNG)
-        spec = served.manifest["input"]
-        pixels = images.to_gray_or_rgb(image, spec["color"])
-        if pixels.shape[:2] == images.spec_size(spec):
-            return served, images.model_input(pixels, spec, bool(invert))
-        if not resize:
-            raise images.size_error(pixels.shape[1], pixels.shape[0], catalog.accepted_sizes)
-        return served, images.fitted_input(pixels, spec, invert)
-
-    def prepare_pixels(self, catalog: Catalog, value, model: str | None,
-                       invert: bool | None) -> tuple[ServedModel, np.ndarray]:
-        task, array = images.pixels_array(value, catalog.task_specs, bool(invert))
-        served = catalog.model(model) if model else catalog.default_model(task)
-        if served.manifest["task"] != task:
-            raise InputError(f"model {served.name!r} takes {served.manifest['task']} inputs, not {task}", 422)
-        return served, array
-
-    def route_by_size(self, catalog: Catalog, image, resize: bool) -> ServedModel:
-        width, height = image.size
-        for task, spec in catalog.task_specs.items():
-            if images.spec_size(spec) == (height, width):
-                return catalog.default_model(task)
-        if resize:  # no exact match: colour photos go to SVHN when served, the rest (and grey RGB: prepare_image) to digits
-            colour = image.mode not in images.GREY_MODES and "svhn" in catalog.defaults
-            return catalog.default_model("svhn" if colour or "digits" not in catalog.defaults else "digits")
-        raise images.size_error(width, height, catalog.accepted_sizes)
-
     @staticmethod
-    def grey_photo_for_svhn(catalog: Catalog, served: ServedModel, image) -> bool:
-        """A resized RGB upload routed to SVHN that has no colour, while digits are served."""
-        return (served.manifest["task"] == "svhn" and "digits" in catalog.defaults
-                and images.spec_size(served.manifest["input"]) != (image.height, image.width)
-                and images.looks_grey(image))
+    def decode_all(catalog: Catalog, opened, model, invert, resize) -> list[Routed]:
+        return [routing.route_image(catalog, value, model, invert, resize) if kind == "bytes" else
+                routing.route_pixels(catalog, value, model, invert) for kind, value in opened]
 
-    async def infer(self, items: list[tuple[ServedModel, np.ndarray]]) -> tuple[list[np.ndarray], int]:
+    async def infer(self, items: list[tuple[ServedModel, np.ndarray]],
+                    background: bool = False) -> tuple[list[np.ndarray], int]:
         """Queue one request's arrays; they may share an inference call with other requests'.
-        Returns the log-probabilities per item and the number of images in that call."""
-        log_probs, batch_images = await self.batcher.submit(items)
+        Returns the log-probabilities per item and the most images an inference call of them held.
+        `background`: only in the room predictions leave (serving/batcher.py)."""
+        log_probs, batch_images = await self.batcher.submit(items, background)
         for model in {model for model, _ in items}:
             self.metrics.images.labels(model.name, model.version).inc(sum(1 for m, _ in items if m is model))
         return log_probs, batch_images
@@ -225,11 +194,11 @@ class Service:
             return {"name": name, "status": "unavailable", "reason": catalog.unavailable[name]}
         served = catalog.served[name]
         m = served.manifest
-        default_for = next((f"{w}x{h}" for task, default in catalog.defaults.items() if default == name
-                            for h, w in [images.spec_size(m["input"])]), None)
+        key = catalog.default_for(name)
         test = m["metrics"]["test"]
         return {"name": name, "status": "ready", "task": m["task"], "version": m["version"],
-                "summary": m.get("summary"), "data": m.get("data"), "default_for": default_for, "input": m["input"],
+                "summary": m.get("summary"), "data": m.get("data"), "default_for": f"{key[2]}x{key[1]}" if key else None,
+                "input": m["input"],
                 "device": served.runner.device, "provider": served.runner.provider,
                 "test": {k: test[k] for k in ("nll", "error", "errors", "n")}, "verified": served.verified,
                 "best_epoch": m["metrics"]["best_epoch"], "epochs_run": m["metrics"]["epochs_run"]}

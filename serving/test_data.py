@@ -6,13 +6,13 @@ SVHN-layout file it came from (`data.test_file`: the official 26,032-image test_
 large to carry), which the server reads from its `--data-dir`, checked against the MD5 recorded at
 training. Reading from the data folder runs off the event loop (the caller's): the file is 64 MB.
 """
-import io
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from export_contract import svhn_mat
+import export_contract as contract
+from export_contract import svhn_mat, test_split
 from serving.errors import InputError
 from serving.registry import ModelEntry
 
@@ -29,11 +29,18 @@ def mat_reader_problem() -> str | None:
 
 
 def embedded(entry: ModelEntry) -> tuple[np.ndarray, np.ndarray] | None:
-    """The test split the export carries (as read and checked with it), or None."""
-    if "test_set" not in entry.manifest:
+    """The test split the export carries (as read and checked with it), or None. Raises
+    test_split.TestSplitError for a file that is not this model's split, or not the known split its
+    data record names."""
+    manifest = entry.manifest
+    if "test_set" not in manifest:
         return None
-    with np.load(io.BytesIO(entry.content(entry.manifest["test_set"])), allow_pickle=False) as data:
-        return data["x"], data["y"]
+    x, y = test_split.read(entry.content(manifest["test_set"]), manifest["input"], manifest["test_set"]["n"])
+    data = manifest.get("data", {}).get("name")
+    if data in contract.KNOWN_TEST_SPLITS and contract.split_digest(x, y) != contract.KNOWN_TEST_SPLITS[data]:
+        raise test_split.TestSplitError(f"{manifest['test_set']['file']} is not the {data} test split that its "
+                                        "manifest says the figures were measured on")
+    return x, y
 
 
 def described(test_file: dict) -> str:

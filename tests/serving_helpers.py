@@ -43,6 +43,23 @@ def in_process(exports: Path, **settings) -> TestClient:
     return TestClient(app, raise_server_exceptions=False)
 
 
+def stub_model(name: str, spec: dict, val_nll: float = 0.1):
+    """A served model for routing tests: a manifest's input spec and validation figure, no artifact."""
+    from serving.inference import ServedModel
+    from serving.registry import ModelEntry
+    manifest = {"name": name, "version": "v1", "input": {"name": "pixels", "layout": "NCHW", **spec},
+                "metrics": {"best_epoch": 0, "val_nll": [val_nll]}}
+    return ServedModel(ModelEntry(name, Path(name), manifest), runner=None, verified={}, curves=b"", test_split=None)
+
+
+def stub_catalog(*models):
+    from serving.routing import Catalog
+    return Catalog.of({m.name: m for m in models}, {})
+
+
+DIGITS_SPEC = {"shape": [None, 1, 8, 8], "dtype": "float32", "range": [0, 16], "color": "grayscale"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -169,5 +186,7 @@ def flip_last_byte(folder: Path) -> None:
 def claim_fewer_errors(folder: Path) -> None:
     """Every hash matches, but the manifest claims test figures its artifact does not reproduce."""
     manifest = json.loads((folder / "model.json").read_text())
-    manifest["metrics"]["test"]["errors"] -= 1
+    test = manifest["metrics"]["test"]
+    test["errors"] -= 1
+    test["error"] = test["errors"] / test["n"]
     (folder / "model.json").write_text(json.dumps(manifest))

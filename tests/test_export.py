@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import export_contract as contract
+from export_contract.reader import MAX_BYTES
 from serving import registry
 from training import digits, export
 from training.train import train_digits
@@ -37,7 +38,7 @@ def test_committed_exports_validate_and_hashes_match():
         m = entry.manifest
         for item in [*m["artifacts"].values(), m["curves"], m["test_set"]]:
             assert contract.sha256(entry.folder / item["file"]) == item["sha256"]
-        assert len(entry.content(m["test_set"])) <= 5 * 2**20  # what a clone carries per model
+        assert len(entry.content(m["test_set"])) <= MAX_BYTES["test_set"]  # what a server reads
 
 
 def test_the_committed_32x32_model_says_it_has_seen_only_synthetic_crops():

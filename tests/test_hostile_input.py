@@ -9,10 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from serving import images, v2
+from serving import images, routing, v2
 from serving.errors import InputError
 from serving.schemas import V2Tensor
-from serving_helpers import ROOT, in_process, png, png_chunk, saved
+from serving_helpers import DIGITS_SPEC, ROOT, in_process, png, png_chunk, saved, stub_catalog, stub_model
 
 CLIENT_STATUSES = {200, 400, 404, 413, 415, 422}
 
@@ -127,13 +127,13 @@ JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
 @settings(max_examples=300, deadline=None)
 @given(value=JSON_VALUES)
 def test_any_json_value_as_pixels_is_an_array_or_an_input_error(value):
-    specs = {"digits": {"shape": [None, 1, 8, 8], "dtype": "float32", "range": [0, 16]}}
+    catalog = stub_catalog(stub_model("digits", DIGITS_SPEC))
     try:
-        task, array = images.pixels_array(value, specs, invert=False)
+        routed = routing.route_pixels(catalog, value, None, invert=False)
     except InputError as err:
         assert err.status == 422
     else:
-        assert task == "digits" and array.shape == (1, 8, 8) and np.isfinite(array).all()
+        assert routed.model.name == "digits" and routed.array.shape == (1, 8, 8) and np.isfinite(routed.array).all()
 
 
 @settings(max_examples=200, deadline=None)

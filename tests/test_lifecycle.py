@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving import inference
+from serving import inference, lifecycle
 from serving_helpers import build_svhn_export, claim_fewer_errors, copy_committed, flip_last_byte, in_process, tampered
 from training.export import publish
 
@@ -235,13 +235,25 @@ def test_an_unverifiable_version_does_not_replace_a_verified_one(tmp_path):
         assert c.get("/models/svhn-cnn").json()["version"] == verified
 
 
-def test_ready_is_503_when_this_process_serves_no_model(exports):
+def test_ready_is_503_when_this_process_serves_no_model(exports, monkeypatch):
+    def fail(entry, backend, device, warm=True):  # in the HTTP process, after the start-up check passed
+        raise inference.LoadError("CUDA ran out of memory (simulated)")
+    monkeypatch.setattr(lifecycle, "load_runner", fail)
+    with in_process(exports, reload_interval=0) as c:
+        response = c.get("/ready")
+        assert response.status_code == 503 and "no model is served" in response.json()["error"]
+
+
+def test_an_emptied_exports_folder_keeps_the_models_served_until_one_is_published(exports, retrained):
+    """An unmounted volume looks like an empty folder: dropping every model would take the service down."""
     with in_process(exports, reload_interval=0) as c:
         for name in ("digits-cnn", "digits-mlp"):
             shutil.rmtree(exports / name)
-        assert len(reload(c)) == 2
-        response = c.get("/ready")
-        assert response.status_code == 503 and "no model is served" in response.json()["error"]
+        assert reload(c) == []
+        assert answer(c)[0] == 200 and c.get("/ready").status_code == 200
+        publish(retrained, exports)  # the folder holds models again: it is followed again
+        events = {(e["model"], e["event"]) for e in reload(c)}
+        assert events == {("digits-cnn", "removed"), ("digits-mlp", "served")}
 
 
 def test_the_reload_route_needs_the_api_key(exports):

@@ -376,7 +376,7 @@ def bomb_png() -> bytes:
     ({"files": {"file": ("x.png", b"hello, not an image")}}, 400, "not an image"),
     ({"files": {"file": ("x.png", png(np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8))[:300])}},
      400, "truncated"),
-    ({"files": {"file": ("x.png", png(np.zeros((10, 12), np.uint8), "L"))}}, 422, "accepted sizes"),
+    ({"files": {"file": ("x.png", png(np.zeros((10, 12), np.uint8), "L"))}}, 422, "the served models take"),
     ({"json": {"pixels": [[[1, 2], [3, 4]]]}}, 422, "accepted"),
     ({"json": {"pixels": [[["a"] * 8] * 8]}}, 422, "numbers"),
     ({"json": {"pixels": [np.full((8, 8), 17).tolist()]}}, 422, "[0, 16]"),

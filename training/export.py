@@ -8,7 +8,6 @@ import json
 import pickle
 import shutil
 import warnings
-import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import onnxruntime
 import torch
 
 import export_contract as contract
+from export_contract import test_split
 from training.errors import ExportError
 from training.recipes import ARCHS
 from training.runs import atomic_folder, plot_curves, write_json
@@ -26,16 +26,13 @@ from training.runs import atomic_folder, plot_curves, write_json
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
 
 PARITY_TOLERANCE = 1e-4  # max |log-prob| difference between an artifact and the PyTorch model
-# Largest test split carried inside an export (compressed): digits' is 12 KB, 2,000 synthetic crops 3.8 MB.
-# Larger ones (SVHN's 26,032) stay in the data folder the manifest names, for `serving --data-dir`.
-EMBEDDED_TEST_SET_LIMIT = 5 * 2**20
 ONNX_OPSET = 18
 LABELS = [str(digit) for digit in range(10)]
 
 
 def validate_manifest(manifest: dict) -> None:
     """Raise ExportError naming every violation (the same check the server applies on reading)."""
-    problems = contract.schema_errors(manifest)
+    problems = contract.manifest_errors(manifest)
     if problems:
         raise ExportError("manifest invalid: " + "; ".join(problems))
 
@@ -71,26 +68,12 @@ def default_name(run: dict) -> str:
     return f"{run['task']}-synthetic-{run['arch']}" if synthetic else f"{run['task']}-{run['arch']}"
 
 
-def save_npz_lzma(path: Path, **arrays: np.ndarray) -> None:
-    """np.savez_compressed with LZMA in place of zlib (2,000 synthetic crops: 3.8 MB, not 5.0); np.load
-    reads it like any .npz, with allow_pickle=False: plain arrays only."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_LZMA) as archive:
-        for key, array in arrays.items():
-            with archive.open(f"{key}.npy", "w") as member:
-                np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
-
-
 def embed_test_set(folder: Path, x: np.ndarray, labels: np.ndarray, data: dict | None) -> dict:
     """The test split beside the artifacts, so that the server can re-measure the served model with no
     training code and no download: the manifest's test_set entry, or {} where the split is the official
-    SVHN test file (anyone can fetch it) or larger than EMBEDDED_TEST_SET_LIMIT compressed."""
-    # Raw photos compress ~1.6x: a split 4x the limit never fits, and LZMA would spend a minute finding out.
-    if (data is not None and data["name"] == "svhn") or x.nbytes > 4 * EMBEDDED_TEST_SET_LIMIT:
-        return {}
-    path = folder / "test_set.npz"
-    save_npz_lzma(path, x=x, y=labels)
-    if path.stat().st_size > EMBEDDED_TEST_SET_LIMIT:
-        path.unlink()
+    SVHN test file (anyone can fetch it) or larger than a server reads (export_contract.test_split)."""
+    path = folder / test_split.FILE_NAME
+    if (data is not None and data["name"] == "svhn") or not test_split.write(path, x, labels):
         return {}
     return {"test_set": {"file": path.name, "sha256": contract.sha256(path), "n": len(labels)}}
 
