@@ -2,12 +2,14 @@
 Targets (2 cores, 512 connections): p99 of the accepted requests <= 200 ms, every other request a
 fast 503, none hanging.
 
-    PYTHONPATH=. .venv/bin/python bench/overload.py [--connections 512 2048] [--seconds 20] [-- SERVER FLAGS]
+    PYTHONPATH=. .venv/bin/python bench/overload.py [--connections 512 2048] [--seconds 20] [--tool python|wrk]
+                                                    [-- SERVER FLAGS]
 
 Each connection sends its next request as soon as the last is answered, and, as HTTP clients and
 load balancers should, waits the Retry-After of a 503 first (times 0.5-1.5, the usual jitter that
 keeps refused clients from returning all at once); `--no-backoff` resends at once
-(every refused client hammering: the worst case).
+(every refused client hammering: the worst case). `--tool wrk` sends the same load from wrk (an
+external tool, which resends at once and reports the latency of every answer, 503s included).
 """
 import argparse
 import json
@@ -19,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
-from serve import BOUNDARY, multipart, upload_image  # noqa: E402
+from serve import BOUNDARY, multipart, run_wrk, upload_image  # noqa: E402
 from serving_helpers import ServerProcess  # noqa: E402
 
 
@@ -28,6 +30,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--backoff", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--tool", choices=["python", "wrk"], default="python")
     parser.add_argument("server_flags", nargs="*")
     args = parser.parse_args()
     folder = ROOT / "exports" / "digits-cnn"
@@ -38,6 +41,9 @@ def main() -> None:
     try:
         server.wait_ready()
         for connections in args.connections:
+            if args.tool == "wrk":
+                rows.append((connections, run_wrk(f"{server.url}/predict", body, connections, args.seconds)))
+                continue
             out = subprocess.run([sys.executable, str(ROOT / "bench" / "load.py"), f"{server.url}/predict", str(body),
                                   f"multipart/form-data; boundary={BOUNDARY}", "--connections", str(connections),
                                   "--seconds", str(args.seconds), "--processes", "1",
@@ -47,6 +53,13 @@ def main() -> None:
     finally:
         server.stop()
     print(f"## Overload (`bench/overload.py {' '.join(sys.argv[1:])}`)\n")
+    if args.tool == "wrk":  # wrk's latencies are of every answer, accepted or refused
+        print("| connections | answered/s | p50 ms (all) | p99 ms (all) | refused (non-2xx) | socket errors |\n"
+              "|---|---|---|---|---|---|")
+        for connections, r in rows:
+            print(f"| {connections} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['non2xx']} | "
+                  f"{r['socket_errors']} |")
+        return
     print("| connections | answered/s | accepted/s | accepted p50 ms | accepted p99 ms | shed (503) | shed p99 ms "
           "| slowest ms | socket errors |\n|---|---|---|---|---|---|---|---|---|")
     for connections, r in rows:

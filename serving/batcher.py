@@ -10,10 +10,11 @@ batches, and is answered when its last part is. The models run in a thread, sinc
 torch release the GIL, while the event loop keeps reading requests. How much may wait is bounded
 before requests get here (Service.admitted).
 
-Background work (/models/NAME/evaluate) queues apart and rides only in the room a batch has left
-once every waiting request is in it, so that it never delays a prediction by more than its own
-small part (BACKGROUND_PART images); a part that has waited BACKGROUND_MAX_WAIT seconds goes in anyway, so it finishes under
-constant load too.
+Background work (/models/NAME/evaluate) queues apart and runs one small part (BACKGROUND_PART
+images) at a time, so that it never delays a prediction by more than that part. On an idle process
+it runs back to back; while requests arrive, it gets at most BACKGROUND_SHARE of the batcher's time
+(each part's time sets when the next may start), whether or not a request is waiting, so that an
+evaluation finishes under constant load too, slowly, and costs predictions little.
 """
 import asyncio
 import gc
@@ -26,8 +27,8 @@ import numpy as np
 from serving import inference
 from serving.metrics import Metrics
 
-BACKGROUND_MAX_WAIT = 0.1  # seconds
 BACKGROUND_PART = 32  # images: a background part costs a prediction that shares its batch little
+BACKGROUND_SHARE = 0.1  # of the batcher's time, while requests arrive
 
 
 @dataclass(eq=False)
@@ -44,6 +45,7 @@ class Part:
     request: Request
     offset: int
     items: list  # (ServedModel, C x H x W array), at most max_batch_size of them
+    background: bool
     queued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -53,6 +55,8 @@ class DynamicBatcher:
         self.max_batch_size, self.batch_timeout = max_batch_size, batch_timeout
         self.waiting: deque[Part] = deque()
         self.background: deque[Part] = deque()
+        self.background_ended = self.background_spent = 0.0  # the last background part's end and time
+        self.requests_arrived = False  # since the last background part: the process is not idle
         self.arrived: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
 
@@ -81,25 +85,31 @@ class DynamicBatcher:
         request = Request(asyncio.get_running_loop().create_future(), [None] * len(items), 0)
         queue, size = ((self.background, min(BACKGROUND_PART, self.max_batch_size)) if background
                        else (self.waiting, self.max_batch_size))
+        self.requests_arrived |= not background
         for offset in range(0, len(items), size):
-            queue.append(Part(request, offset, items[offset:offset + size]))
+            queue.append(Part(request, offset, items[offset:offset + size], background))
             request.parts_left += 1
         self.metrics.queue_images.inc(len(items))
         self.arrived.set()
         return await request.future
 
     def take(self) -> list[Part]:
-        """The next batch: waiting requests' parts in order while they fit, then a background part if
-        one fits (or has waited too long)."""
+        """The next batch: waiting requests' parts in order while they fit, and a background part when
+        its turn has come."""
         batch, images = [], 0
         while self.waiting and images + len(self.waiting[0].items) <= self.max_batch_size:
             images += len(self.waiting[0].items)
             batch.append(self.waiting.popleft())
-        if self.background:
-            fits = not self.waiting and images + len(self.background[0].items) <= self.max_batch_size
-            if fits or not batch or time.perf_counter() - self.background[0].queued_at >= BACKGROUND_MAX_WAIT:
-                batch.append(self.background.popleft())
+        if self.background and time.perf_counter() >= self.background_turn():
+            batch.append(self.background.popleft())
+            self.requests_arrived = False  # from now on: those that arrive while it runs count
         return batch
+
+    def background_turn(self) -> float:
+        """When the next background part may run: at once on an idle process; while requests arrive,
+        once they have had (1 / share - 1) times the time the last part took."""
+        pause = self.background_spent * (1 / BACKGROUND_SHARE - 1) if self.requests_arrived else 0.0
+        return self.background_ended + pause
 
     async def run(self) -> None:
         while True:
@@ -107,12 +117,17 @@ class DynamicBatcher:
             if self.batch_timeout > 0 and sum(len(part.items) for part in self.waiting) < self.max_batch_size:
                 await asyncio.sleep(self.batch_timeout)
             batch = self.take()
-            if not batch:
-                self.arrived.clear()
+            if batch:
+                # One batch per call: its requests (and the model versions they hold) are let go when it
+                # returns, not when the next request arrives; an idle process frees a replaced version.
+                await self.run_batch(batch)
                 continue
-            # One batch per call: its requests (and the model versions they hold) are let go when it
-            # returns, not when the next request arrives; an idle process frees a replaced version.
-            await self.run_batch(batch)
+            self.arrived.clear()
+            if self.background:  # its turn comes later, or sooner with a request
+                try:
+                    await asyncio.wait_for(self.arrived.wait(), self.background_turn() - time.perf_counter())
+                except TimeoutError:
+                    self.arrived.set()
 
     async def run_batch(self, batch: list[Part]) -> None:
         images = sum(len(part.items) for part in batch)
@@ -129,6 +144,10 @@ class DynamicBatcher:
                     part.request.future.set_exception(err)
             return
         self.metrics.batch_size.observe(result.images)
+        background = sum(len(part.items) for part in batch if part.background)
+        if background:  # its share of this batch's time
+            self.background_ended = time.perf_counter()
+            self.background_spent = (self.background_ended - started) * background / images
         for name, seconds in result.seconds.items():
             self.metrics.inference_seconds.labels(name).observe(seconds)
         for part, log_probs in zip(batch, result.log_probs):

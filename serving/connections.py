@@ -14,6 +14,11 @@ stop that leaves no keep-alive client cut off mid-request.
 - A client that stops reading its answers holds its connection, and the answers, forever once the
   socket's buffers are full. Here a connection whose writing stays paused, or that cannot finish
   closing, for `send_timeout` seconds is aborted.
+- Admission control (serving/service.py) refuses inference requests beyond --max-queue. Through the
+  application each refusal cost nearly what an answer costs (routing, middleware, a task), so under
+  overload refusing crowded out serving. Here a request that `door` refuses is answered by the
+  protocol: no ASGI task is made, its body is read and dropped, and the same 503 + Retry-After is
+  written (counted as shed, as the application would).
 - On a graceful stop uvicorn closes idle keep-alive connections at once, racing a client that is
   sending its next request on one (it sees a reset). Here an idle connection lingers for
   SHUTDOWN_LINGER seconds: a request that arrives is answered, with `Connection: close`.
@@ -27,6 +32,7 @@ Used through uvicorn's own parameter for the protocol class (`http=`), which Lit
 """
 import json
 from dataclasses import dataclass
+from typing import Protocol
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -56,21 +62,37 @@ class Refused(Exception):
 PHRASES = {408: "Request Timeout", 414: "URI Too Long", 431: "Request Header Fields Too Large"}
 
 
-def guarded_protocol(limits: Limits, refused_counter) -> type:
-    """The protocol class; `refused_counter`: a prometheus Counter labelled by reason."""
+class Door(Protocol):
+    """Admission control as the protocol sees it (serving/service.py implements it)."""
+
+    def full(self) -> bool:
+        """No more inference requests are admitted in this process now."""
+
+    def refuses(self, method: bytes, path: bytes) -> bool:
+        """The request is one that full() refuses (and is counted as refused)."""
+
+    def answer(self, keep_alive: bool) -> bytes:
+        """The whole HTTP response of a refusal."""
+
+
+def guarded_protocol(limits: Limits, refused_counter, door: Door) -> type:
+    """The protocol class. `refused_counter`: a prometheus Counter labelled by reason."""
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self.read_deadline = self.loop.call_later(limits.read_timeout, self.request_too_slow)
             self.send_deadline = None
+            self.lost = False
             self.stopping = False
             self.refused = False          # answered by the protocol: what still arrives is dropped
             self.refusal: Refused | None = None
             self.awaiting_headers = True  # of a request not yet answered (self.cycle is the last one's)
             self.head_bytes = 0           # bytes read while the head was incomplete (URL, headers)
+            self.shedding = False         # this request is refused by `door`: its body is dropped
 
         def connection_lost(self, exc) -> None:
+            self.lost = True
             self.read_deadline.cancel()
             if self.send_deadline is not None:
                 self.send_deadline.cancel()
@@ -129,15 +151,36 @@ def guarded_protocol(limits: Limits, refused_counter) -> type:
 
         def on_headers_complete(self) -> None:
             self.awaiting_headers = False
+            idle = self.cycle is None or self.cycle.response_complete  # no earlier answer still to come
+            if (idle and door.full() and not self.stopping and not self.expect_100_continue
+                    and door.refuses(self.parser.get_method(), httptools.parse_url(self.url).path)):
+                self.shedding = True  # no ASGI task: the body is read and dropped, then the refusal written
+                return
             super().on_headers_complete()
             if self.stopping and self.cycle is not None:
                 self.cycle.keep_alive = False  # the last request on this connection
 
+        def on_body(self, body: bytes) -> None:
+            if not self.shedding:
+                super().on_body(body)
+
         def on_message_complete(self) -> None:
             self.read_deadline.cancel()
-            super().on_message_complete()
+            if not self.shedding:
+                super().on_message_complete()
+                return
+            self.shedding = False
+            keep_alive = self.parser.should_keep_alive()
+            self.transport.write(door.answer(keep_alive))
+            if keep_alive:
+                self.on_response_complete()  # uvicorn's: the keep-alive timer, the next pipelined request
+            else:
+                self.close()
 
         def refuse(self, refusal: Refused) -> None:
+            # The failed parser keeps the exception, whose traceback keeps every chunk of the request:
+            # let both go now, not when the connection ends.
+            self.parser, self.refusal = httptools.HttpRequestParser(self), None
             refused_counter.labels(refusal.reason).inc()
             self.answer(refusal.status, refusal.message)
             if self.cycle is not None and not self.cycle.response_complete:
@@ -183,6 +226,8 @@ def guarded_protocol(limits: Limits, refused_counter) -> type:
 
         def close(self) -> None:
             """Close, and abort if the client does not take the rest of what was written in time."""
+            if self.lost:
+                return
             if not self.transport.is_closing():
                 self.transport.close()
             if self.send_deadline is None:

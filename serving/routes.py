@@ -26,7 +26,7 @@ from serving import images, schemas, test_data, v2
 from serving.errors import InputError, Overloaded, ServiceError
 from serving.http_helpers import AUTH, error_response, read_body, service_of
 from serving.metrics import CONTENT_TYPE
-from serving.inference import ServedModel
+from serving.routing import Routed
 from serving.service import MAX_IMAGES_PER_REQUEST, Service
 
 PAGE = (Path(__file__).parent / "static" / "index.html").read_text()
@@ -127,24 +127,23 @@ async def predict(request: Request):
              "resize": parse_bool(request.query_params.get("resize"), "resize")}
     model, invert, resize = (options[name] if options[name] is not None else query[name]
                              for name in ("model", "invert", "resize"))
-    async with service.admitted():
+    async with service.admission.admitted():
         routed = await service.prepare(inputs, model, invert, bool(resize))
         request.state.model = routed[0].model.name
         log_probs, batch_images = await service.infer([(r.model, r.array) for r in routed])
-    return {"predictions": [prediction(label, r.model, rows, batch_images, r.array if kind == "bytes" else None)
+    return {"predictions": [prediction(label, r, rows, batch_images, kind == "bytes")
                             for (label, kind, _), r, rows in zip(inputs, routed, log_probs)]}
 
 
-def prediction(label: str, served: ServedModel, log_probs: np.ndarray, batch_images: int,
-               decoded: np.ndarray | None) -> dict:
-    """One input's answer, naming the version that gave it; `decoded`: what the model saw, for uploaded
-    images (a pixels[] entry is what the client sent)."""
+def prediction(label: str, routed: Routed, log_probs: np.ndarray, batch_images: int, uploaded: bool) -> dict:
+    """One input's answer, naming the version that gave it and why; for uploaded images what the model
+    saw (a pixels[] entry is what the client sent)."""
     probabilities = np.exp(log_probs.astype(np.float64))
-    answer = {"input": label, "model": served.name, "version": served.version,
+    answer = {"input": label, "model": routed.model.name, "version": routed.model.version, "routed": routed.reason,
               "label": int(np.argmax(log_probs)), "probabilities": [round(float(p), 6) for p in probabilities],
               "batch_size": batch_images}
-    if decoded is not None:
-        answer["model_input"] = images.as_pixels(decoded)
+    if uploaded:
+        answer["model_input"] = images.as_pixels(routed.array)
     return answer
 
 
@@ -234,7 +233,7 @@ async def evaluate(name: str, request: Request):
     service = service_of(request)
     served = service.catalog.model(name)
     started = time.perf_counter()
-    async with service.admitted(), service.evaluating:  # before reading: the official SVHN file is 64 MB
+    async with service.admission.admitted(), service.evaluating:  # before reading: the official SVHN file is 64 MB
         x, y = served.test_split or await asyncio.to_thread(test_data.from_data_dir, served.entry,
                                                             service.config.data_dir)
         log_probs, _ = await service.infer([(served, array) for array in x], background=True)

@@ -19,6 +19,8 @@ class Prediction(BaseModel):
     input: str = Field(description="the upload's file name, or images[i] / pixels[i]")
     model: str
     version: str
+    routed: str = Field(description="why this model answered: named in the request, the default for the input's "
+                                    "size and colour, or resize=true's choice")
     label: int
     probabilities: list[float] = Field(description="one per class 0..9")
     batch_size: int = Field(description="images in the inference call this one shared")

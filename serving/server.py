@@ -337,7 +337,7 @@ def run(server: ls.LitServer, service: Service, processes: HttpProcesses) -> int
     try:
         # The keyword arguments after LitServe's own go to uvicorn: our connection guards, and its cap.
         server.run(host=config.host, port=config.port, num_api_servers=config.workers, generate_client_file=False,
-                   log_level="warning", http=guarded_protocol(limits(config), service.metrics.refused),
+                   log_level="warning", http=guarded_protocol(limits(config), service.metrics.refused, service.admission),
                    limit_concurrency=config.max_connections)
     except KeyboardInterrupt:
         pass  # a stop that arrived while LitServe was already draining

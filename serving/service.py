@@ -8,7 +8,9 @@ process then loads, warms and verifies its own versions of the models and starts
 """
 import asyncio
 import hmac
+import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
@@ -43,6 +45,54 @@ def decoder_threads() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
+# The inference routes, which admission control counts (and the protocol refuses when a process is full).
+ADMITTED = re.compile(rb"/predict|/v2/models/[^/]+/infer|/models/[^/]+/evaluate")
+
+
+class Admission:
+    """At most `limit` (--max-queue) inference requests in progress in this process; the others are
+    refused at once (503, Retry-After) instead of waiting behind them. With more clients than the
+    machine can serve, latency otherwise grows with their number (p99 1.5 s at 512 connections on 2
+    cores). A request is admitted once its body has arrived, so that slow uploads hold no place; when
+    the process is full, the HTTP protocol refuses it before the application sees it
+    (serving/connections.py: this is its Door), which costs a fraction of an answer."""
+
+    def __init__(self, limit: int, metrics: Metrics):
+        self.limit, self.metrics = limit, metrics
+        self.in_progress = 0
+        self.message = (f"the server is at capacity ({limit} requests in progress in this process); retry in "
+                        f"{Overloaded.retry_after} s")
+        body = json.dumps({"error": self.message}).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                f"retry-after: {Overloaded.retry_after}\r\ncontent-length: {len(body)}\r\n")
+        self.answers = {True: f"{head}\r\n".encode() + body, False: f"{head}connection: close\r\n\r\n".encode() + body}
+
+    def full(self) -> bool:
+        return self.in_progress >= self.limit
+
+    def refuses(self, method: bytes, path: bytes) -> bool:
+        if method == b"POST" and ADMITTED.fullmatch(path):
+            self.metrics.shed.inc()
+            return True
+        return False
+
+    def answer(self, keep_alive: bool) -> bytes:
+        return self.answers[keep_alive]
+
+    @asynccontextmanager
+    async def admitted(self):
+        if self.full():
+            self.metrics.shed.inc()
+            raise Overloaded(self.message)
+        self.in_progress += 1
+        self.metrics.in_flight.inc()
+        try:
+            yield
+        finally:
+            self.in_progress -= 1
+            self.metrics.in_flight.dec()
+
+
 class StartupError(Exception):
     """The server cannot start: no usable model, a bad exports folder, a device it cannot use."""
 
@@ -74,7 +124,7 @@ class Service:
         self.lifecycle = Lifecycle(config, self.device, self.metrics)
         self.batcher: DynamicBatcher | None = None
         self.decoders: ThreadPoolExecutor | None = None
-        self.in_progress = 0  # inference requests this process has admitted and not yet answered
+        self.admission = Admission(config.max_queue, self.metrics)
         self.evaluating = asyncio.Lock()  # one /evaluate at a time: it is background work
         self.notify_other_processes = None  # set by serving/server.py: asks every HTTP process to reload
 
@@ -125,24 +175,6 @@ class Service:
             supplied = authorization[7:]
         if supplied is None or not hmac.compare_digest(supplied.encode(), self.config.api_key.encode()):
             raise Unauthorized("missing or wrong API key (X-API-Key header or Authorization: Bearer)")
-
-    @asynccontextmanager
-    async def admitted(self):
-        """At most --max-queue inference requests in progress in this process; the others are refused
-        at once (503, Retry-After) instead of waiting behind them. With more clients than the machine
-        can serve, latency otherwise grows with their number (p99 1.5 s at 512 connections on 2 cores).
-        Entered once the request's body has arrived, so that slow uploads hold no place."""
-        if self.in_progress >= self.config.max_queue:
-            self.metrics.shed.inc()
-            raise Overloaded(f"the server is at capacity ({self.config.max_queue} requests in progress in this "
-                             f"process); retry in {Overloaded.retry_after} s")
-        self.in_progress += 1
-        self.metrics.in_flight.inc()
-        try:
-            yield
-        finally:
-            self.in_progress -= 1
-            self.metrics.in_flight.dec()
 
     async def prepare(self, inputs: list[tuple[str, str, object]], model: str | None, invert: bool | None,
                       resize: bool) -> list[Routed]:

@@ -74,7 +74,7 @@ async def infer(name: str, request: Request):
         raise InputError(f"expected exactly one input tensor, got {len(infer_request.inputs)}", 400)
     array = tensor_array(infer_request.inputs[0], model.manifest["input"])
     service = service_of(request)
-    async with service.admitted():
+    async with service.admission.admitted():
         log_probs, _ = await service.infer([(model, row) for row in array])
     log_probs = np.stack(log_probs).astype(np.float32)
     return {"model_name": name, "model_version": model.version, "id": infer_request.id,

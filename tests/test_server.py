@@ -273,7 +273,7 @@ def test_a_wheel_install_trains_exports_and_serves(tmp_path, cli):
 @pytest.fixture(scope="module")
 def guarded(exports):
     process = ServerProcess(exports, args=("--workers", "1", "--read-timeout", "2", "--max-connections", "20",
-                                           "--max-queue", "2"))
+                                           "--max-queue", "2", "--send-timeout", "1"))
     try:
         process.wait_ready()
         yield process
@@ -464,3 +464,63 @@ def test_a_slow_second_request_on_a_kept_alive_connection_gets_408(guarded):
     received, seconds = raw_exchange(guarded, [first, b"GET /health HTTP/1.1\r\nHost: x\r\n"], pause=0.2)
     assert received.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in received
     assert 1.5 < seconds < 4.5
+
+
+def refused(server, reason: str) -> float:
+    families = text_string_to_metric_families(httpx.get(server.url + "/metrics").text)
+    return sum(s.value for f in families for s in f.samples
+               if s.name == "digitserve_http_refused_total" and s.labels["reason"] == reason)
+
+
+@pytest.mark.parametrize("head, status, reason", [
+    (b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"a: b\r\n" * 101 + b"\r\n", 431, "too_many_headers"),
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 40_000 + b"\r\n\r\n", 431, "headers_too_large"),
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 50_000, 431, "headers_too_large"),  # a line never ending
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "url_too_long"),
+])
+def test_an_oversized_request_head_is_refused_by_the_protocol(guarded, head, status, reason):
+    before = refused(guarded, reason)
+    received, _ = raw_exchange(guarded, [head])
+    assert received.startswith(f"HTTP/1.1 {status}".encode()) and b"connection: close" in received
+    assert refused(guarded, reason) == before + 1
+
+
+def rss_kb(pid: int) -> int:
+    return int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if line.startswith("VmRSS")).split()[1])
+
+
+def test_a_flood_of_header_lines_costs_the_server_no_memory(guarded):
+    """20 MB of `a:b` lines once grew a process by 549 MB (100 MB: 2.7 GB) and still got 200."""
+    (http,) = server_processes(guarded.process.pid)["http"]
+    before = rss_kb(http)
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        try:
+            for _ in range(20):
+                sock.sendall(b"a:b\r\n" * 200_000)  # 1 MB
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused and drained for a moment, then closed
+        answer = sock.recv(200)
+    assert answer.startswith(b"HTTP/1.1 431")
+    assert rss_kb(http) - before < 50_000
+
+
+def test_a_client_that_stops_taking_answers_is_cut_off_after_the_send_timeout(guarded):
+    """Pipelined requests whose answers are never read held their connection, and a slot, forever."""
+    before = refused(guarded, "send_timeout")
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", guarded.port))
+        sock.setblocking(False)
+        try:
+            for _ in range(2000):
+                sock.send(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")
+        except BlockingIOError:
+            pass
+        deadline = time.monotonic() + 8
+        while refused(guarded, "send_timeout") == before and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert refused(guarded, "send_timeout") == before + 1  # --send-timeout 1 here
+    assert httpx.get(guarded.url + "/health").status_code == 200
+

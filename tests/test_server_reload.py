@@ -4,6 +4,7 @@ while the previous keeps answering, a removed model turns 404, and no other requ
 details: tests/test_lifecycle.py."""
 import asyncio
 import json
+import re
 import signal
 import threading
 import time
@@ -136,6 +137,16 @@ def answers_from_every_process(server: ServerProcess, version: str, timeout: flo
         time.sleep(0.2)
 
 
+def every_process_started(server: ServerProcess, processes: int, timeout: float = 60) -> None:
+    """/ready answers once one HTTP process is up; on a busy machine the others may still be loading
+    (and would then see a model published meanwhile without being asked)."""
+    deadline = time.monotonic() + timeout
+    while len(set(re.findall(r"served on cpu .* in process (\d+)", server.output()))) < processes:
+        assert time.monotonic() < deadline, server.output()
+        time.sleep(0.2)
+    time.sleep(1)  # each one's last look at start-up
+
+
 def test_reload_route_and_sighup_reach_every_http_process(tmp_path, retrained):
     exports = tmp_path / "exports"
     copy_committed(exports, "digits-mlp")
@@ -144,6 +155,7 @@ def test_reload_route_and_sighup_reach_every_http_process(tmp_path, retrained):
     server = ServerProcess(exports, args=("--reload-interval", "0", "--workers", "3"))  # no polling
     try:
         server.wait_ready()
+        every_process_started(server, 3)
         publish(retrained, exports)
         time.sleep(1)
         answers_from_every_process(server, version_of(committed / "digits-mlp"), timeout=0)  # nothing polls

@@ -140,7 +140,7 @@ def test_evaluate_reads_an_svhn_test_file_from_the_data_dir(tmp_path):
         detail = c.get("/models/svhn-cnn").json()
         assert detail["status"] == "unavailable" and "data folder has no test_32x32.mat" in detail["reason"]
         scipy.io.savemat(other / "test_32x32.mat", {"X": x.transpose(2, 3, 1, 0), "y": np.ones((200, 1))})
-        (change,) = c.post("/models/reload").json()["changes"]  # asked for: tried again though its folder is as it was
+        (change,) = c.post("/models/reload").json()["changes"]  # the data folder changed: checked again
         assert change["event"] == "rejected" and "is not the file model 'svhn-cnn' was tested on" in change["reason"]
         shutil.copy(data / "test_32x32.mat", other / "test_32x32.mat")
         (change,) = c.post("/models/reload").json()["changes"]
