@@ -11,6 +11,7 @@ ORT ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
 # The service alone: no torch, no test tools.
 $(VENV)/.serve: pyproject.toml
+	@echo "make: installing what serving needs into $(VENV) (ONNX Runtime's $(ORT) build; about a minute)"
 	python3 -m venv $(VENV)
 	$(PIP) -e '.[$(ORT)]'
 	touch $@
@@ -18,6 +19,7 @@ $(VENV)/.serve: pyproject.toml
 # Training and the tests on top. pip takes torch/torchvision from this machine's local wheel store
 # (capped at 2.14.1/0.29.1).
 $(VENV)/.dev: $(VENV)/.serve
+	@echo "make: installing training and the test tools (torch with its CUDA libraries: about 6 GB, minutes)"
 	$(PIP) -e '.[dev,$(ORT)]'
 	touch $@
 

@@ -81,8 +81,8 @@ def main() -> None:
     pipelines = {
         "before, told the polarity": lambda gray, dark: former_resize(gray, invert=dark),
         "before, no invert": lambda gray, dark: former_resize(gray, invert=False),
-        "after, polarity detected": lambda gray, dark: images.digit_bitmap_counts(gray, None),
-        "after, told the polarity": lambda gray, dark: images.digit_bitmap_counts(gray, dark),
+        "after, polarity detected": lambda gray, dark: digit_bitmap_counts(gray, None),
+        "after, told the polarity": lambda gray, dark: digit_bitmap_counts(gray, dark),
     }
     inputs = {name: [] for name in pipelines}
     labels = []

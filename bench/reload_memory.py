@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from serving_helpers import ServerProcess, copy_committed  # noqa: E402
 from soak import process_tree, rss_mb  # noqa: E402
 
-from training.runs import atomic_folder  # noqa: E402  (what --export-to and publish use)
+from export_contract.publish import atomic_folder  # noqa: E402  (what --export-to and publish use)
 
 
 def republish(source: Path, exports: Path) -> None:

@@ -15,6 +15,7 @@
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
@@ -83,16 +84,32 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_metrics(log_probs: np.ndarray, labels: np.ndarray) -> dict:
-    """Mean NLL, error rate and error count of log-probabilities N x 10 against labels N."""
-    log_probs = np.asarray(log_probs, dtype=np.float64)
-    errors = int((log_probs.argmax(1) != labels).sum())
-    return {"nll": float(-log_probs[np.arange(len(labels)), labels].mean()), "error": errors / len(labels),
-            "errors": errors, "n": int(len(labels))}
+@dataclass(frozen=True)
+class Figures:
+    """Mean NLL, error rate and error count of log-probabilities on n labelled images: a split's test
+    (or validation) figures, as manifests record them and servers re-measure them."""
+    nll: float
+    error: float
+    errors: int
+    n: int
 
+    @classmethod
+    def of(cls, log_probs: np.ndarray, labels: np.ndarray) -> "Figures":
+        """Of log-probabilities N x 10 against labels N."""
+        log_probs, labels = np.asarray(log_probs, dtype=np.float64), np.asarray(labels)
+        errors = int((log_probs.argmax(1) != labels).sum())
+        return cls(float(-log_probs[np.arange(len(labels)), labels].mean()), errors / len(labels), errors,
+                   int(len(labels)))
 
-def reproduces(measured: dict, recorded: dict) -> bool:
-    """The measured test figures are the manifest's: as many images, the same error count, NLL within
-    NLL_TOLERANCE."""
-    return (measured["n"] == recorded["n"] and measured["errors"] == recorded["errors"]
-            and abs(measured["nll"] - recorded["nll"]) <= NLL_TOLERANCE)
+    @classmethod
+    def recorded(cls, figures: dict) -> "Figures":
+        """As a manifest records them (metrics/test)."""
+        return cls(figures["nll"], figures["error"], figures["errors"], figures["n"])
+
+    def as_dict(self) -> dict:
+        return {"nll": self.nll, "error": self.error, "errors": self.errors, "n": self.n}
+
+    def reproduces(self, recorded: "Figures") -> bool:
+        """These are `recorded`: as many images, the same error count, NLL within NLL_TOLERANCE."""
+        return (self.n == recorded.n and self.errors == recorded.errors
+                and abs(self.nll - recorded.nll) <= NLL_TOLERANCE)

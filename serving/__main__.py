@@ -8,6 +8,7 @@ import sys
 
 from serving import config as settings
 from serving import metrics_files
+from serving.errors import StartupError
 
 PROG = "python -m serving"
 
@@ -26,20 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     # multiprocess mode); it must be set before prometheus_client is first imported.
     metrics_dir = metrics_files.open_folder(config.workers + 1)
     try:
-        from serving import server
-        from serving.service import StartupError
+        from serving import processes, server
         try:
-            server.check_can_listen(config.host, config.port)
-            litserver, service, processes = server.build(config)
+            processes.check_can_listen(config.host, config.port)
+            litserver, service, http_processes = server.build(config)
         except StartupError as err:
             print(f"{PROG}: error: {err}", file=sys.stderr)
             return 1
-        for name, entry in service.entries.items():
-            if not entry.available:
-                print(f"model {name} unavailable: {entry.error}", file=sys.stderr)
-        print(f"serving {', '.join(sorted(n for n, e in service.entries.items() if e.available))} with {config.backend} on {service.device} at "
-              f"http://{config.host}:{config.port}", file=sys.stderr)
-        return server.run(litserver, service, processes)
+        print(f"starting {config.workers} HTTP processes for {server.url(config)} ({config.backend} on "
+              f"{service.device}): each verifies {', '.join(sorted(service.entries))} before serving it; a line "
+              f"says when they are ready", file=sys.stderr)
+        return server.run(litserver, service, http_processes)
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)

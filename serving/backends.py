@@ -37,6 +37,7 @@ class BackendError(Exception):
 
 class OnnxBackend:
     name = "onnx"
+    description = "ONNX Runtime (the default; on the GPU with onnxruntime-gpu)"
 
     @staticmethod
     def resolve(device: str) -> str:
@@ -79,6 +80,7 @@ class OnnxBackend:
 
 class TorchScriptBackend:
     name = "torchscript"
+    description = "TorchScript (needs torch)"
 
     @staticmethod
     def resolve(device: str) -> str:

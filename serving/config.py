@@ -9,6 +9,8 @@ import resource
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from serving.backends import BACKENDS
+
 ENV_PREFIX = "DIGITSERVE_"
 # LitServe binds only these (checked in its run(), after start-up output); say so up front instead.
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")
@@ -93,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", choices=HOSTS, default=defaults.host,
                    help="address to listen on (0.0.0.0 or :: for every interface)")
     p.add_argument("--port", type=integer(1024, 65535), default=defaults.port)
-    p.add_argument("--backend", choices=["onnx", "torchscript"], default=defaults.backend,
-                   help="ONNX Runtime, or TorchScript (needs torch)")
+    p.add_argument("--backend", choices=list(BACKENDS), default=defaults.backend,
+                   help=", ".join(f"{name}: {backend.description}" for name, backend in BACKENDS.items()))
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=defaults.device,
                    help="auto: the GPU when one is usable")
     p.add_argument("--max-batch-size", type=integer(1, 4096), default=defaults.max_batch_size,

@@ -1,4 +1,10 @@
-"""What a client can get wrong, as typed errors; routes.py maps every one to `{"error": ...}` with its status."""
+"""Typed errors: what a client can get wrong (ServiceError: serving/api/errors.py maps every one to
+`{"error": ...}` with its status), and what stops the server from starting (StartupError: one line
+from `python -m serving`, exit status 1)."""
+
+
+class StartupError(Exception):
+    """The server cannot start: no usable model, a bad exports folder, a device it cannot use, a busy port."""
 
 
 class ServiceError(Exception):

@@ -1,13 +1,10 @@
 """Which model versions an HTTP process serves, and how that changes while it runs.
 
 At start-up, and whenever the exports folder changes (polled every --reload-interval seconds, or at
-once on POST /models/reload or SIGHUP), every new or changed model folder goes through the same
-steps before it is served: the export contract (schema, the sha256 of every file it serves), loaded
-by the backend and warmed, and its test split run through that backend reproducing the manifest's
-test figures (same error count, NLL within 1e-4). A version that fails a step is not served: the
-version before it keeps answering, and the rejection is kept in the model's history
-(`/models/{name}`), the log and /metrics. A model whose test split is not at hand (trained on SVHN,
-served without --data-dir) is served, marked unverified.
+once on POST /models/reload or SIGHUP), every new or changed model folder is verified before it is
+served (serving/verify.py). A version that fails is not served: the version before it keeps
+answering, and the rejection is kept in the model's history (`/models/{name}`), the log and
+/metrics.
 
 What is served is one immutable Catalog, replaced whole: a request takes the current one once and is
 answered entirely by the versions in it. A removed folder leaves the next catalog; requests that
@@ -26,14 +23,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import export_contract as contract
-from export_contract.test_split import TestSplitError
-from serving import registry, test_data
+from export_contract.publish import model_folders
+from serving import announcements, registry
 from serving.config import Config
-from serving.errors import InputError
-from serving.inference import LoadError, ServedModel, load_runner, run_all
+from serving.inference import ServedModel
 from serving.metrics import Metrics
 from serving.routing import Catalog
+from serving.verify import Rejected, build
 
 log = logging.getLogger("digitserve")
 
@@ -43,15 +39,6 @@ HISTORY_LENGTH = 50  # events kept per model name
 RETRYABLE_STEPS = {"load", "unexpected"}
 RETRY_SECONDS = 30  # an asked-for reload checks such a version again at most this often
 CHECK_SECONDS = 300  # checking one folder (read, load, verify) longer than this rejects it, freeing the look
-
-
-class Rejected(Exception):
-    """A version that is not served: why (`reason`, for people) and at which step (`step`, a metric label:
-    export, load, test_split, metrics, unverified, unexpected)."""
-
-    def __init__(self, version: str | None, reason: str, step: str):
-        super().__init__(reason)
-        self.version, self.reason, self.step = version, reason, step
 
 
 def folder_stamp(folder: Path, tries: int = 3) -> tuple | None:
@@ -94,46 +81,6 @@ def as_rejected(name: str, err: Exception) -> "Rejected":
     return Rejected(None, f"checking it failed unexpectedly ({type(err).__name__}: see the server's log)", "unexpected")
 
 
-def build(folder: Path, config: Config, device: str, previous: ServedModel | None) -> ServedModel:
-    """One model folder, checked, loaded, warmed and verified on its test split; raises Rejected.
-    `previous`: the version it would replace, if any."""
-    entry = registry.check_export(folder, config.backend)
-    version = entry.manifest["version"] if entry.manifest else None
-    try:
-        if not entry.available:
-            raise Rejected(version, entry.error, "export")
-        try:  # before loading: a split that is not what it claims costs nothing to refuse
-            curves, split = entry.content(entry.manifest["curves"]), test_data.embedded(entry)
-        except TestSplitError as err:
-            raise Rejected(version, str(err), "export") from None
-        try:
-            runner = load_runner(entry, config.backend, device)
-        except LoadError as err:
-            raise Rejected(version, str(err), "load") from None
-        if split is None and config.data_dir is None and "test_file" in entry.manifest.get("data", {}):
-            # Trained on SVHN, whose test file this server was not given: served, marked unverified,
-            # unless it would replace a version that was verified.
-            reason = test_data.no_data_dir_reason(entry)
-            if previous is not None and previous.verified["reproduced"]:
-                raise Rejected(version, f"it cannot be verified here and would replace a verified version: {reason}",
-                               "unverified")
-            return ServedModel(entry, runner, {"reproduced": None, "reason": reason}, curves, None)
-        try:
-            x, y = split if split is not None else test_data.from_data_dir(entry, config.data_dir)
-        except InputError as err:
-            raise Rejected(version, err.message, "test_split") from None
-        measured = contract.test_metrics(run_all(runner, x), y)
-        claimed = entry.manifest["metrics"]["test"]
-        if not contract.reproduces(measured, claimed):
-            raise Rejected(version, f"on its {measured['n']} test images the {config.backend} artifact makes "
-                                    f"{measured['errors']} errors with NLL {measured['nll']:.6f}; its manifest claims "
-                                    f"{claimed['errors']} of {claimed['n']} and {claimed['nll']:.6f}", "metrics")
-        verified = {"reproduced": True, **{k: measured[k] for k in ("errors", "nll", "n")}}
-        return ServedModel(entry, runner, verified, curves, split)
-    finally:
-        entry.contents.clear()  # the artifact's bytes: the runner holds the model now
-
-
 class Lifecycle:
     """This process's catalog, kept in line with the exports folder."""
 
@@ -149,6 +96,7 @@ class Lifecycle:
         self.next_look: Look | None = None    # the look that asks made during the current one wait for
         self.emptied = False                  # the folder was found empty and the models kept
         self.task: asyncio.Task | None = None
+        self.announce = announcements.in_this_process  # the server gathers them in its main process
 
     async def start(self) -> None:
         await self.reload()
@@ -188,7 +136,7 @@ class Lifecycle:
 
     async def look(self, retry: bool) -> list[dict]:
         try:
-            folders = await asyncio.to_thread(registry.model_folders, self.config.exports)
+            folders = await asyncio.to_thread(model_folders, self.config.exports)
         except OSError as err:  # a volume briefly away must not unload every model
             log.error("cannot read the exports folder %s (%s): serving what was loaded", self.config.exports,
                       err.strerror)
@@ -253,10 +201,8 @@ class Lifecycle:
             entry["reason" if event == "rejected" else "note"] = reason
         self.history.setdefault(name, deque(maxlen=HISTORY_LENGTH)).append(entry)
         self.metrics.reloads.labels(name, event).inc()
-        level = logging.ERROR if event == "rejected" else logging.INFO
-        where = f" on {model.runner.device} ({model.runner.provider})" if model is not None else ""
-        log.log(level, "model %s version %s %s%s in process %d%s", name, version, event, where, os.getpid(),
-                f": {reason}" if reason else "")
+        where = f"{model.runner.device} ({model.runner.provider})" if model is not None else None
+        self.announce(announcements.change(name, version, event, reason, where))
         if model is not None:
             self.set_gauge(self.metrics.model_info, self.info, name,
                            (name, version, "ready", model.runner.device, model.runner.provider))

@@ -13,11 +13,11 @@ space) is listed under an escaped form, which is what reaches JSON, log lines an
 """
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import export_contract as contract
+from export_contract.publish import model_folders
 from export_contract.reader import FolderError, read_regular
 
 log = logging.getLogger("digitserve")
@@ -107,12 +107,6 @@ def check_export(folder: Path, backend: str) -> ModelEntry:
     if entry.error:
         entry.contents.clear()
     return entry
-
-
-def model_folders(exports_dir: Path) -> list[Path]:
-    """Every model folder, in name order: the sub-folders, but not hidden ones (exports being written)."""
-    with os.scandir(exports_dir) as entries:
-        return sorted(Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir())
 
 
 def scan(exports_dir: Path, backend: str) -> list[ModelEntry]:

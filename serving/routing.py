@@ -17,6 +17,7 @@ import numpy as np
 from serving import images
 from serving.errors import InputError, ModelNotFound, ModelUnavailable
 from serving.inference import ServedModel
+from serving.resize import fitted_input
 
 GREY, COLOUR = "grayscale", "RGB"
 InputKey = tuple[str, int, int]  # (colour, height, width)
@@ -97,7 +98,7 @@ def route_image(catalog: Catalog, image, model: str | None, invert: bool | None,
     pixels = images.to_gray_or_rgb(decoded, spec["color"])
     if pixels.shape[:2] == images.spec_size(spec):
         return Routed(served, images.model_input(pixels, spec, bool(invert)), reason)
-    return Routed(served, images.fitted_input(pixels, spec, invert), reason)
+    return Routed(served, fitted_input(pixels, spec, invert), reason)
 
 
 def by_header(catalog: Catalog, image, resize: bool) -> tuple[ServedModel, str]:

@@ -10,6 +10,7 @@ class PredictJSON(BaseModel):
                                                   "with resize, else false)")
     resize: bool | None = Field(None, description="other sizes: find the digit, centre it and downsample it as the "
                                             "training data was (digits); centre-crop a colour photo (SVHN)")
+    model_input: bool | None = Field(None, description="also answer what the model saw, for uploaded images")
     images: list[str] = Field(default_factory=list, description="base64 (or data-URL) encoded image files")
     pixels: list[Any] = Field(default_factory=list,
                               description="raw arrays: 8x8 on 0..16 (digits) or 32x32x3 on 0..255 (SVHN, RGB)")
@@ -24,8 +25,8 @@ class Prediction(BaseModel):
     label: int
     probabilities: list[float] = Field(description="one per class 0..9")
     batch_size: int = Field(description="images in the inference call this one shared")
-    model_input: list[Any] | None = Field(None, description="uploaded images: what the model saw, in the form of a "
-                                                            "pixels[] entry (8x8 on 0..16 or 32x32x3 on 0..255)")
+    model_input: list[Any] | None = Field(None, description="uploaded images, when asked (model_input=true): what "
+                                          "the model saw, in the form of a pixels[] entry (8x8 on 0..16 or 32x32x3 on 0..255)")
 
 
 class PredictResponse(BaseModel):
@@ -51,6 +52,15 @@ class DataRecord(BaseModel):
     test_file: TestFile | None = Field(None, description="the test file /evaluate reads from the server's --data-dir")
 
 
+class ModelEvent(BaseModel):
+    model: str
+    at: str
+    event: str = Field(description="served | rejected | removed")
+    version: str | None = None
+    reason: str | None = Field(None, description="why the version was rejected")
+    note: str | None = Field(None, description="why a served version is unverified")
+
+
 class ModelSummary(BaseModel):
     name: str
     status: str = Field(description="ready | unavailable")
@@ -67,8 +77,10 @@ class ModelSummary(BaseModel):
     verified: dict | None = Field(None, description="this process's run of the test split through the served "
                                   "artifact before serving it: reproduced true with its figures, or null with the "
                                   "reason it could not be run")
-    best_epoch: int | None = None
+    best_epoch: int | None = Field(None, description="the epoch whose weights were kept, counted from 1")
     epochs_run: int | None = None
+    rejected: ModelEvent | None = Field(None, description="the newest version found, when it was not served: when "
+                                          "and why (the version above keeps answering)")
 
 
 class ModelsResponse(BaseModel):
@@ -84,15 +96,6 @@ class EvaluateResponse(BaseModel):
     manifest: TestMetrics
     agrees: bool = Field(description="same error count and NLL within 1e-4 of the manifest's")
     seconds: float
-
-
-class ModelEvent(BaseModel):
-    model: str
-    at: str
-    event: str = Field(description="served | rejected | removed")
-    version: str | None = None
-    reason: str | None = Field(None, description="why the version was rejected")
-    note: str | None = Field(None, description="why a served version is unverified")
 
 
 class ReloadResponse(BaseModel):

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from torch import nn
 
-from serving import routes
+from serving import api
 from serving.config import Config
 from serving.metrics import RequestMetrics
 from serving.service import Service
@@ -39,7 +39,7 @@ def in_process(exports: Path, **settings) -> TestClient:
     service = Service(Config(exports=exports, **settings))
     app = FastAPI(docs_url=None, redoc_url=None)  # as in serving/server.py: /docs is digitserve's own
     app.add_middleware(RequestMetrics, metrics=service.metrics)
-    routes.install(app, service)
+    api.install(app, service)
     return TestClient(app, raise_server_exceptions=False)
 
 

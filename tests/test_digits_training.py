@@ -11,7 +11,7 @@ from training import digits, models
 from training.__main__ import build_parser
 from training.loop import EarlyStopping, Recipe, evaluate, fit
 from training.train import train_digits
-from training.runs import atomic_folder
+from export_contract.publish import atomic_folder
 
 
 def test_split_sizes_and_disjointness():

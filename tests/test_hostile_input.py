@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from serving import images, routing, v2
+from serving import images, routing
+from serving.api import v2
 from serving.errors import InputError
 from serving.schemas import V2Tensor
 from serving_helpers import DIGITS_SPEC, ROOT, in_process, png, png_chunk, saved, stub_catalog, stub_model

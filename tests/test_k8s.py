@@ -11,7 +11,7 @@ import sys
 import yaml
 from prometheus_client import generate_latest
 
-from serving import v2
+from serving.api import v2
 from serving.metrics import Metrics
 from serving_helpers import ROOT
 

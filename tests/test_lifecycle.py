@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving import inference, lifecycle
+from serving import inference, lifecycle, verify
 from serving_helpers import build_svhn_export, claim_fewer_errors, copy_committed, flip_last_byte, in_process, tampered
-from training.export import publish
+from export_contract.publish import publish
 
 ZERO = {"pixels": [np.zeros((8, 8)).tolist()]}
 
@@ -46,7 +46,7 @@ def test_a_published_version_is_served_once_it_reproduces_its_test_figures(expor
     with in_process(exports, reload_interval=0) as c:
         assert answer(c)[1]["predictions"][0]["version"] == old
         assert reload(c) == []  # nothing changed
-        publish(retrained, exports)
+        publish(retrained, exports, replace=True)
         (change,) = reload(c)
         assert change["model"] == "digits-mlp" and change["event"] == "served"
         assert change["version"] == version_of(retrained) != old
@@ -64,7 +64,7 @@ def test_a_version_that_fails_its_checks_is_rejected_and_the_previous_keeps_answ
                                                                                        change, reason):
     old = version_of(exports / "digits-mlp")
     with in_process(exports, reload_interval=0) as c:
-        publish(tampered(retrained, tmp_path, change), exports)
+        publish(tampered(retrained, tmp_path, change), exports, replace=True)
         (event,) = reload(c)
         assert event["event"] == "rejected" and reason in event["reason"]
         status, body = answer(c)
@@ -72,6 +72,8 @@ def test_a_version_that_fails_its_checks_is_rejected_and_the_previous_keeps_answ
         detail = c.get("/models/digits-mlp").json()
         assert detail["status"] == "ready" and detail["version"] == old
         assert detail["history"][-1]["event"] == "rejected" and reason in detail["history"][-1]["reason"]
+        (listed,) = [m for m in c.get("/models").json()["models"] if m["name"] == "digits-mlp"]
+        assert reason in listed["rejected"]["reason"]  # the page says it beside "ready"
         samples = [s for f in text_string_to_metric_families(c.get("/metrics").text) for s in f.samples]
         reloads = {s.labels["event"]: s.value for s in samples
                    if s.name == "digitserve_model_reloads_total" and s.labels["model"] == "digits-mlp"}
@@ -79,7 +81,7 @@ def test_a_version_that_fails_its_checks_is_rejected_and_the_previous_keeps_answ
         (rejected,) = [s.labels for s in samples if s.name == "digitserve_model_rejected" and s.value == 1]
         assert rejected == {"model": "digits-mlp", "version": version_of(retrained),
                             "step": "export" if change is flip_last_byte else "metrics"}
-        publish(retrained, exports)  # a good version after a rejected one
+        publish(retrained, exports, replace=True)  # a good version after a rejected one
         assert [e["event"] for e in reload(c)] == ["served"]
         assert answer(c)[1]["predictions"][0]["version"] == version_of(retrained)
 
@@ -90,7 +92,7 @@ def test_a_new_model_that_fails_is_unavailable_with_its_reason(exports, tmp_path
         manifest = json.loads((folder / "model.json").read_text())
         manifest["name"] = "digits-extra"
         (folder / "model.json").write_text(json.dumps(manifest))
-        publish(folder.rename(folder.with_name("digits-extra")), exports)
+        publish(folder.rename(folder.with_name("digits-extra")), exports, replace=True)
         (event,) = reload(c)
         assert event["model"] == "digits-extra" and event["event"] == "rejected"
         status, body = answer(c, "digits-extra")
@@ -144,7 +146,7 @@ def test_a_request_is_answered_entirely_by_the_version_it_was_routed_to(exports,
                 c.post("/predict", json={"model": "digits-mlp", "pixels": images}).json()["predictions"]))
             worker.start()
             assert started.wait(5)
-            publish(retrained, exports)
+            publish(retrained, exports, replace=True)
             assert [e["event"] for e in reload(c)] == ["served"]
             worker.join(10)
         after = c.post("/predict", json={"model": "digits-mlp", "pixels": images}).json()["predictions"]
@@ -162,7 +164,7 @@ def test_the_folder_is_polled_and_hidden_folders_are_never_read(exports, retrain
         assert [m["name"] for m in c.get("/models").json()["models"]] == ["digits-cnn", "digits-mlp"]
         assert set(c.app.state.service.lifecycle.history) == {"digits-cnn", "digits-mlp"}  # nothing else looked at
         assert len(c.get("/models/digits-mlp").json()["history"]) == 1
-        publish(retrained, exports)
+        publish(retrained, exports, replace=True)
         deadline = time.monotonic() + 5
         while answer(c)[1]["predictions"][0]["version"] != version_of(retrained):
             assert time.monotonic() < deadline, "the poll did not pick the new version up within 5 s"
@@ -195,7 +197,7 @@ def test_an_unexpected_failure_while_checking_rejects_that_version_only(exports,
     old = version_of(exports / "digits-mlp")
     with in_process(exports, reload_interval=0) as c:
         monkeypatch.setattr(lifecycle, "build", lambda *args: (_ for _ in ()).throw(RuntimeError("a bug")))
-        publish(retrained, exports)
+        publish(retrained, exports, replace=True)
         (event,) = reload(c)
         assert event["event"] == "rejected" and "unexpectedly (RuntimeError" in event["reason"]
         assert answer(c)[1]["predictions"][0]["version"] == old
@@ -218,7 +220,7 @@ def test_a_served_version_keeps_its_own_files_when_its_folder_is_replaced(export
     with in_process(exports, reload_interval=0) as c:
         def other_curves(folder):
             (folder / "curves.png").write_bytes(b"\x89PNG not these")
-        publish(tampered(retrained, tmp_path, other_curves), exports)
+        publish(tampered(retrained, tmp_path, other_curves), exports, replace=True)
         assert [e["event"] for e in reload(c)] == ["rejected"]
         assert c.get("/models/digits-mlp/curves.png").content == curves
         evaluation = c.post("/models/digits-mlp/evaluate").json()
@@ -231,7 +233,7 @@ def test_an_unverifiable_version_does_not_replace_a_verified_one(tmp_path):
     build_svhn_export(tmp_path / "staging", "svhn-cnn", data={"name": "svhn", "description": "SVHN", "test_file": test_file})
     with in_process(tmp_path / "exports", reload_interval=0) as c:
         verified = c.get("/models/svhn-cnn").json()["version"]
-        publish(tmp_path / "staging" / "svhn-cnn", tmp_path / "exports")
+        publish(tmp_path / "staging" / "svhn-cnn", tmp_path / "exports", replace=True)
         (event,) = reload(c)
         assert event["event"] == "rejected" and "would replace a verified version" in event["reason"]
         assert c.get("/models/svhn-cnn").json()["version"] == verified
@@ -240,7 +242,7 @@ def test_an_unverifiable_version_does_not_replace_a_verified_one(tmp_path):
 def test_ready_is_503_when_this_process_serves_no_model(exports, monkeypatch):
     def fail(entry, backend, device, warm=True):  # in the HTTP process, after the start-up check passed
         raise inference.LoadError("CUDA ran out of memory (simulated)")
-    monkeypatch.setattr(lifecycle, "load_runner", fail)
+    monkeypatch.setattr(verify, "load_runner", fail)
     with in_process(exports, reload_interval=0) as c:
         response = c.get("/ready")
         assert response.status_code == 503 and "no model is served" in response.json()["error"]
@@ -253,7 +255,7 @@ def test_an_emptied_exports_folder_keeps_the_models_served_until_one_is_publishe
             shutil.rmtree(exports / name)
         assert reload(c) == []
         assert answer(c)[0] == 200 and c.get("/ready").status_code == 200
-        publish(retrained, exports)  # the folder holds models again: it is followed again
+        publish(retrained, exports, replace=True)  # the folder holds models again: it is followed again
         events = {(e["model"], e["event"]) for e in reload(c)}
         assert events == {("digits-cnn", "removed"), ("digits-mlp", "served")}
 
@@ -276,7 +278,7 @@ def test_reload_asks_are_coalesced_and_a_rejected_version_is_not_checked_again(e
         return await real_look(self, retry)
     monkeypatch.setattr(lifecycle.Lifecycle, "look", slow_look)
     monkeypatch.setattr(lifecycle, "build", lambda folder, *args: builds.append(folder.name) or real_build(folder, *args))
-    publish(tampered(retrained, tmp_path, claim_fewer_errors), exports)
+    publish(tampered(retrained, tmp_path, claim_fewer_errors), exports, replace=True)
     with in_process(exports, reload_interval=0) as c:
         looks.clear()
         builds.clear()
@@ -287,14 +289,14 @@ def test_reload_asks_are_coalesced_and_a_rejected_version_is_not_checked_again(e
 
 
 def test_a_version_rejected_for_a_cause_outside_its_files_is_tried_again_when_asked(exports, monkeypatch):
-    real_load = lifecycle.load_runner
+    real_load = verify.load_runner
 
     def flaky(entry, *args, **kwargs):
         if entry.name == "digits-mlp" and not recovered:
             raise inference.LoadError("CUDA ran out of memory (simulated)")
         return real_load(entry, *args, **kwargs)
     recovered = False
-    monkeypatch.setattr(lifecycle, "load_runner", flaky)
+    monkeypatch.setattr(verify, "load_runner", flaky)
     with in_process(exports, reload_interval=0) as c:
         assert answer(c)[0] == 503
         recovered = True

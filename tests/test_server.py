@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving import connections
 from serving import server as digitserve_server
-from serving.server import alive
+from serving.processes import alive
 from serving.config import Config
 from serving_helpers import ROOT, ServerProcess, copy_committed
 
@@ -449,7 +449,7 @@ def test_a_stop_during_start_up_is_delivered_once_the_server_is_up():
     server = ServerProcess(ROOT / "exports")
     try:
         deadline = time.monotonic() + 30
-        while "serving" not in server.output() and time.monotonic() < deadline:
+        while "starting" not in server.output() and time.monotonic() < deadline:
             time.sleep(0.01)
         everyone = [server.process.pid, *children(server.process.pid)]
         server.process.send_signal(signal.SIGTERM)

@@ -15,7 +15,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving_helpers import ServerProcess, claim_fewer_errors, copy_committed, flip_last_byte, tampered
-from training.export import publish
+from export_contract.publish import publish
 
 CONNECTIONS = 32
 INTERVAL = 2.0  # --reload-interval for these tests (the default is 5 s)
@@ -93,14 +93,14 @@ def test_publishing_under_load_fails_no_request(tmp_path, retrained):
             assert {r[3] for r in load.since(0, "digits-mlp")} == {old}
             # A retrained version, renamed into place: every process serves it within 10 s.
             published = time.monotonic()
-            publish(retrained, exports)
+            publish(retrained, exports, replace=True)
             load.wait_for(published, "digits-mlp", lambda r: r[3] == new, timeout=10)
             # Tampered versions of the committed model (its version string: serving one would show):
             # rejected, the retrained version keeps answering, the rejection is visible.
             for number, (change, reason) in enumerate([(flip_last_byte, "does not match the sha256"),
                                                        (claim_fewer_errors, "its manifest claims")]):
                 changed = time.monotonic()
-                publish(tampered(committed / "digits-mlp", tmp_path / f"tampered-{number}", change), exports)
+                publish(tampered(committed / "digits-mlp", tmp_path / f"tampered-{number}", change), exports, replace=True)
                 while not any(e["event"] == "rejected" and reason in e["reason"] for e in history(server, "digits-mlp")):
                     assert time.monotonic() < changed + 3 * INTERVAL, history(server, "digits-mlp")
                     time.sleep(0.2)
@@ -156,13 +156,13 @@ def test_reload_route_and_sighup_reach_every_http_process(tmp_path, retrained):
     try:
         server.wait_ready()
         every_process_started(server, 3)
-        publish(retrained, exports)
+        publish(retrained, exports, replace=True)
         time.sleep(1)
         answers_from_every_process(server, version_of(committed / "digits-mlp"), timeout=0)  # nothing polls
         changes = httpx.post(f"{server.url}/models/reload", timeout=30).json()["changes"]
         assert [(c["event"], c["version"]) for c in changes] == [("served", version_of(retrained))]
         answers_from_every_process(server, version_of(retrained))
-        publish(committed / "digits-mlp", exports)
+        publish(committed / "digits-mlp", exports, replace=True)
         server.process.send_signal(signal.SIGHUP)
         answers_from_every_process(server, version_of(committed / "digits-mlp"))
         assert server.process.poll() is None  # SIGHUP reloads, it does not end anything

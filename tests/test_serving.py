@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import export_contract as contract
 from export_contract import svhn_mat
-from serving import images as image_preprocessing
+from serving import resize
 from serving import inference
 from serving_helpers import build_svhn_export, copy_committed, in_process, png, png_chunk, saved, synthetic_svhn
 from training import digits
@@ -89,7 +89,8 @@ def test_models_list_metrics_and_unavailable_reason(client, exports):
     cnn = models["digits-cnn"]
     assert cnn["status"] == "ready" and cnn["default_for"] == "8x8" and cnn["task"] == "digits"
     assert cnn["test"]["errors"] == manifest["metrics"]["test"]["errors"] and cnn["test"]["n"] == 447
-    assert cnn["best_epoch"] == manifest["metrics"]["best_epoch"] and cnn["input"]["dtype"] == "float32"
+    assert cnn["best_epoch"] == manifest["metrics"]["best_epoch"] + 1  # counted from 1, as training says it
+    assert cnn["input"]["dtype"] == "float32"
     assert models["svhn-tiny"]["default_for"] == "32x32"
     assert models["digits-broken"]["status"] == "unavailable"
     assert "sha256" in models["digits-broken"]["reason"]
@@ -187,7 +188,8 @@ def test_predict_json_base64_and_pixels_with_explicit_model(client, test_digits)
 def test_invert_and_exact_sizes(client, test_digits):
     images, labels = test_digits
     light = 255 - np.round(images[10] * 255 / 16).astype(np.uint8)  # dark ink on white paper
-    normal = client.post("/predict", files={"file": ("d.png", digit_png(images[10]))}).json()["predictions"][0]
+    normal = client.post("/predict?model_input=true", files={"file": ("d.png", digit_png(images[10]))}
+                         ).json()["predictions"][0]
     inverted = client.post("/predict?invert=true", files={"file": ("d.png", png(light, "L"))}).json()["predictions"][0]
     assert inverted["label"] == normal["label"]
     assert np.allclose(inverted["probabilities"], normal["probabilities"], atol=1e-5)
@@ -216,7 +218,7 @@ def test_resize_recovers_the_dataset_digit_from_an_enlarged_scan(exports, test_d
     large sheet classify as the 8x8 originals do (the former whole-image shrink got ~10 % right)."""
     images, _ = test_digits
     rng = np.random.default_rng(0)
-    fitted = np.stack([image_preprocessing.digit_bitmap_counts(
+    fitted = np.stack([resize.digit_bitmap_counts(
         on_paper(digit, int(rng.integers(12, 25)), int(rng.integers(0, 100)), int(rng.integers(0, 60))), None)
         for digit in images[:100]])
     assert np.abs(fitted - images[:100]).mean() < 2.0  # counts on 0..16
@@ -227,21 +229,22 @@ def test_resize_recovers_the_dataset_digit_from_an_enlarged_scan(exports, test_d
 
 def test_resize_detects_the_ink_polarity_and_ignores_position_and_scale(test_digits):
     images, _ = test_digits
-    reference = image_preprocessing.digit_bitmap_counts(on_paper(images[5], 20, 10, 10), None)
-    moved = image_preprocessing.digit_bitmap_counts(on_paper(images[5], 20, 130, 90), None)
+    reference = resize.digit_bitmap_counts(on_paper(images[5], 20, 10, 10), None)
+    moved = resize.digit_bitmap_counts(on_paper(images[5], 20, 130, 90), None)
     assert np.array_equal(moved, reference)
     # counts on 0..16: within 8-bit rounding (polarity), and resampling (a sheet over WORK_SIDE)
     for sheet, tolerance in ((on_paper(images[5], 20, 10, 10, dark_ink=False), 0.25),
                              (on_paper(images[5], 20, 60, 40, size=(500, 700)), 0.5)):
-        assert np.abs(image_preprocessing.digit_bitmap_counts(sheet, None) - reference).max() < tolerance
-    told = image_preprocessing.digit_bitmap_counts(on_paper(images[5], 20, 10, 10), True)
+        assert np.abs(resize.digit_bitmap_counts(sheet, None) - reference).max() < tolerance
+    told = resize.digit_bitmap_counts(on_paper(images[5], 20, 10, 10), True)
     assert np.array_equal(told, reference)
 
 
 def test_resize_through_the_api_shows_what_the_model_saw(client, test_digits):
     images, labels = test_digits
     sheet = on_paper(images[30], 18, 40, 50)
-    answer = client.post("/predict", params={"resize": "true"}, files={"file": ("scan.png", png(sheet, "L"))})
+    answer = client.post("/predict", params={"resize": "true", "model_input": "true"},
+                         files={"file": ("scan.png", png(sheet, "L"))})
     assert answer.status_code == 200
     prediction = answer.json()["predictions"][0]
     assert prediction["model"] == "digits-cnn" and prediction["label"] == labels[30]
@@ -253,10 +256,10 @@ def test_resize_through_the_api_shows_what_the_model_saw(client, test_digits):
 def test_resize_finds_dark_ink_on_dim_paper(test_digits):
     images, _ = test_digits
     """Paper darker than mid-grey (115 of 255) with black ink used to be read as bright ink: 422."""
-    bright = image_preprocessing.digit_bitmap_counts(on_paper(images[5], 20, 10, 10), None)
+    bright = resize.digit_bitmap_counts(on_paper(images[5], 20, 10, 10), None)
     for dim in (on_paper(images[5], 20, 10, 10, paper=115, contrast=110),  # dark ink
                 on_paper(images[5], 20, 10, 10, paper=140, contrast=110, dark_ink=False)):  # chalk, brighter
-        assert np.abs(image_preprocessing.digit_bitmap_counts(dim, None) - bright).max() < 0.5
+        assert np.abs(resize.digit_bitmap_counts(dim, None) - bright).max() < 0.5
 
 
 def test_resize_keeps_one_pixel_strokes(client):
@@ -281,10 +284,22 @@ def test_resized_grey_rgb_photos_go_to_digits_colour_ones_to_svhn(client, test_d
     grey = np.repeat(on_paper(images[30], 18, 40, 50)[..., None], 3, axis=2)  # a scan saved as RGB (JPEG, canvas)
     answer = client.post("/predict", params={"resize": "true"}, files={"file": ("scan.png", png(grey, "RGB"))})
     assert answer.json()["predictions"][0]["model"] == "digits-cnn"
-    tinted = grey.copy()
-    tinted[..., 0] = 255  # red paper: a colour photo
-    answer = client.post("/predict", params={"resize": "true"}, files={"file": ("red.png", png(tinted, "RGB"))})
+    warm = np.clip(grey * np.array([1.0, 0.94, 0.82]), 0, 255).astype(np.uint8)  # a scan under a warm lamp
+    answer = client.post("/predict", params={"resize": "true"}, files={"file": ("warm.png", png(warm, "RGB"))})
+    assert answer.json()["predictions"][0]["model"] == "digits-cnn"  # was sent to the house-number model
+    assert "no colour" in answer.json()["predictions"][0]["routed"]
+    photo = grey.copy()
+    photo[:, :130, 0], photo[:, 130:, 2] = 255, 255  # half red, half blue: a colour photo
+    answer = client.post("/predict", params={"resize": "true"}, files={"file": ("photo.png", png(photo, "RGB"))})
     assert answer.json()["predictions"][0]["model"] == "svhn-tiny"
+
+
+def test_an_image_sent_as_the_body_is_an_upload(client, test_digits):
+    images, labels = test_digits
+    answer = client.post("/predict", content=digit_png(images[3]), headers={"content-type": "image/png"})
+    assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] == labels[3]
+    empty = client.post("/predict", content=b"", headers={"content-type": "image/jpeg"})
+    assert empty.status_code == 422 and "no image" in empty.json()["error"]
 
 
 @pytest.mark.parametrize("where", ["form", "json"])
@@ -304,10 +319,14 @@ def test_an_option_in_the_body_wins_over_the_query(client, test_digits, where):
     assert answer.status_code == 200 and answer.json()["predictions"][0]["model"] == "svhn-tiny"  # exact 32x32
 
 
-def test_model_input_comes_with_uploads_not_with_pixel_arrays(client, test_digits):
+def test_model_input_comes_when_asked_and_only_with_uploads(client, test_digits):
+    """20 KB for a 32x32 upload: only when asked (the page asks); a pixels[] entry is what the client sent."""
     images, _ = test_digits
-    answer = client.post("/predict", json={"pixels": [images[0].tolist()]}).json()["predictions"][0]
-    assert answer.get("model_input") is None
+    upload = {"file": ("d.png", digit_png(images[0]))}
+    assert "model_input" not in client.post("/predict", files=upload).json()["predictions"][0]
+    assert "model_input" in client.post("/predict", data={"model_input": "true"}, files=upload).json()["predictions"][0]
+    answer = client.post("/predict", json={"pixels": [images[0].tolist()], "model_input": True}).json()["predictions"][0]
+    assert "model_input" not in answer
 
 
 @pytest.mark.parametrize("pixels", [np.full((120, 90), 200, np.uint8), np.full((120, 90), 200, np.uint8) + 
@@ -321,7 +340,8 @@ def test_resize_of_a_colour_photo_cuts_the_centre_square_for_svhn(client):
     photo = np.zeros((64, 96, 3), np.uint8)
     photo[:, :16] = photo[:, -16:] = (0, 0, 255)  # blue beyond the centre square
     photo[:, 16:-16] = (255, 0, 0)
-    answer = client.post("/predict", params={"resize": "true"}, files={"file": ("p.png", png(photo, "RGB"))})
+    answer = client.post("/predict", params={"resize": "true", "model_input": "true"},
+                         files={"file": ("p.png", png(photo, "RGB"))})
     prediction = answer.json()["predictions"][0]
     assert prediction["model"] == "svhn-tiny"
     assert np.array_equal(np.unique(np.reshape(prediction["model_input"], (-1, 3)), axis=0), [[255, 0, 0]])
@@ -384,7 +404,7 @@ def bomb_png() -> bytes:
     ({"json": {"images": ["%%%"]}}, 400, "base64"),
     ({"json": {}}, 422, "no image"),
     ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "invalid JSON"),
-    ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "multipart/form-data or application/json"),
+    ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "multipart/form-data, application/json or an image"),
     ({"json": {"model": "resnet", "pixels": [np.zeros((8, 8)).tolist()]}}, 404, "unknown model"),
     ({"json": {"model": "svhn-tiny", "pixels": [np.zeros((8, 8)).tolist()]}}, 422, "svhn"),
     ({"files": {"file": ("x.png", b"\0" * (1 << 20 + 1))}}, 413, "limit"),
@@ -584,15 +604,15 @@ def test_a_file_where_an_option_belongs_is_a_client_error(client):
 
 
 def test_a_model_that_fails_to_load_in_a_process_is_503_and_its_task_falls_to_another(exports, monkeypatch):
-    from serving import lifecycle
+    from serving import verify
     from serving.inference import LoadError
 
     def load_without_cnn(entry, backend, device, warm=True):
         if entry.name == "digits-cnn":  # in the HTTP process, after the start-up check passed
             raise LoadError("CUDA ran out of memory (simulated)")
         return real_load(entry, backend, device, warm)
-    real_load = lifecycle.load_runner
-    monkeypatch.setattr(lifecycle, "load_runner", load_without_cnn)
+    real_load = verify.load_runner
+    monkeypatch.setattr(verify, "load_runner", load_without_cnn)
     with in_process(exports) as c:
         response = c.post("/predict", json={"model": "digits-cnn", "pixels": [np.zeros((8, 8)).tolist()]})
         assert response.status_code == 503 and "simulated" in response.json()["error"]

@@ -16,12 +16,14 @@ import re
 import sys
 from pathlib import Path
 
+from export_contract import name_error
 from training import reproducible, svhn
+from export_contract.publish import PublishError
 from training.errors import DataError, ExportError, UsageError
 from training.recipes import DIGITS_ARCHS
 from training.runs import check_writable
 
-EXIT_STATUS = {UsageError: 2, DataError: 2, ExportError: 1}
+EXIT_STATUS = {UsageError: 2, DataError: 2, ExportError: 1, PublishError: 1}
 
 
 def positive_int(text: str) -> int:
@@ -77,6 +79,17 @@ def add_reproducible_flag(parser: argparse.ArgumentParser, default: bool | None)
                              "pinned where the machine allows, with a note where it does not")
 
 
+def add_publish_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--export-to", type=Path, help=f"also publish {what} here (e.g. exports/)")
+    add_replace_flag(parser)
+
+
+def add_replace_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--replace", action="store_true",
+                        help="replace a published model of the same name even where its test figures are better, "
+                             "or measured on another test split (without it, that is an error)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m training", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -89,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=positive_int, default=20, help="epochs without val NLL improvement before stopping")
     p.add_argument("--device", type=device_name, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder that receives one folder per run")
-    p.add_argument("--export-to", type=Path, help="also publish each run's export here (e.g. exports/)")
+    add_publish_flags(p, "each run's export")
     add_reproducible_flag(p, default=None)
 
     p = commands.add_parser("svhn", help="train the SVHN CNN (official train/test .mat files; torchrun for multi-GPU)")
@@ -107,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="peak learning rate (default from the recipe: 2e-3)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward pass")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder that receives one folder per run")
-    p.add_argument("--export-to", type=Path, help="also publish the export here (e.g. exports/)")
+    add_publish_flags(p, "the export")
+    p.add_argument("--name", help="export name (default svhn-cnn, or svhn-synthetic-cnn for synthetic crops)")
     add_reproducible_flag(p, default=False)
 
     p = commands.add_parser("svhn-synth", help="write synthetic house-number crops in the official .mat layout")
@@ -122,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder that python -m training wrote (runs/...)")
     p.add_argument("--name", help="export name (default TASK-ARCH, e.g. digits-cnn)")
     p.add_argument("--to", type=Path, default=Path("exports"), help="exports folder the server loads")
+    add_replace_flag(p)
     return parser
 
 
@@ -135,6 +150,8 @@ def check_before_torch(args) -> None:
         check_writable(args.out)
     if getattr(args, "export_to", None) is not None:
         check_writable(args.export_to)
+    if getattr(args, "name", None) and (problem := name_error(args.name)):
+        raise UsageError(problem)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,8 @@ from pathlib import Path
 import torch
 
 from training import digits, svhn, synthetic
-from training.export import default_name, export_model, load_run, publish
+from export_contract.publish import publish
+from training.export import default_name, export_model, load_run
 from training.recipes import DIGITS_ARCHS
 from training.runs import check_writable
 from training.train import comparison_table, knn_baseline, resolve_device, train_digits, train_svhn
@@ -22,7 +23,7 @@ def digits_command(args) -> None:
         print(f"{arch}: test NLL {test['nll']:.4f}, error {test['error']:.4f} ({test['errors']}/{test['n']}), "
               f"best epoch {metrics['best_epoch'] + 1} of {metrics['epochs_run']}, {metrics['wall_seconds']:.1f} s -> {run_dir}")
         if args.export_to is not None:
-            print(f"  published {publish(run_dir / 'export' / default_name(metrics), args.export_to)}")
+            print(f"  published {publish(run_dir / 'export' / default_name(metrics), args.export_to, args.replace)}")
         rows.append(metrics)
     if args.all:
         rows.append(knn_baseline())
@@ -42,7 +43,8 @@ def svhn_command(args) -> None:
           f"best epoch {metrics['best_epoch'] + 1} of {metrics['epochs_run']}, {metrics['wall_seconds']:.1f} s, "
           f"{metrics['images_per_second']:.0f} images/s -> {run_dir}")
     if args.export_to is not None:
-        print(f"  published {publish(run_dir / 'export' / default_name(metrics), args.export_to)}")
+        export = run_dir / "export" / (args.name or default_name(metrics))
+        print(f"  published {publish(export, args.export_to, args.replace)}")
 
 
 def svhn_synth_command(args) -> None:
@@ -59,7 +61,8 @@ def export_command(args) -> None:
     else:
         arrays = svhn.load_split(Path(run["config"]["data_dir"]), "test", verify_md5=run["config"]["verify_md5"])
         test_x, test_y, input_spec = torch.from_numpy(arrays.x), torch.from_numpy(arrays.y), svhn.INPUT_SPEC
-    folder = export_model(model, run, args.run_dir, input_spec, test_x, test_y, args.name or default_name(run), args.to)
+    folder = export_model(model, run, args.run_dir, input_spec, test_x, test_y, args.name or default_name(run), args.to,
+                          args.replace)
     print(f"exported {folder}")
 
 

@@ -6,7 +6,6 @@ records the metrics measured on the ONNX artifact: the served model is the measu
 """
 import json
 import pickle
-import shutil
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +19,8 @@ import export_contract as contract
 from export_contract import test_split
 from training.errors import ExportError
 from training.recipes import ARCHS
-from training.runs import atomic_folder, plot_curves, write_json
+from export_contract.publish import atomic_folder, check_replacement
+from training.runs import plot_curves, write_json
 
 # TorchScript is deprecated upstream but is the artifact the TorchScript backend asks for; say it once, not per call.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
@@ -79,8 +79,10 @@ def embed_test_set(folder: Path, x: np.ndarray, labels: np.ndarray, data: dict |
 
 
 def export_model(model: torch.nn.Module, run: dict, run_dir: Path, input_spec: dict,
-                 test_x: torch.Tensor, test_y: torch.Tensor, name: str, exports_dir: Path) -> Path:
-    """Write exports_dir/name atomically; raise ExportError (writing nothing) if parity fails."""
+                 test_x: torch.Tensor, test_y: torch.Tensor, name: str, exports_dir: Path,
+                 replace: bool = False) -> Path:
+    """Write exports_dir/name atomically; raise ExportError (writing nothing) if parity fails, or
+    PublishError if it would silently replace a better model there (`replace`: do)."""
     if problem := contract.name_error(name):
         raise ExportError(problem)
     model = model.cpu().eval()
@@ -99,9 +101,10 @@ def export_model(model: torch.nn.Module, run: dict, run_dir: Path, input_spec: d
             if parity[f"{artifact}_max_abs"] > PARITY_TOLERANCE or not np.array_equal(out.argmax(1), reference.argmax(1)):
                 raise ExportError(f"{artifact} artifact disagrees with the PyTorch model: max |diff| "
                                   f"{parity[f'{artifact}_max_abs']:.2e} (tolerance {PARITY_TOLERANCE:.0e})")
-        test = {**contract.test_metrics(onnx_out, labels), "measured_on": "onnx"}
+        test = {**contract.Figures.of(onnx_out, labels).as_dict(), "measured_on": "onnx"}
         plot_curves(staging / "curves", run["val_nll"], run["val_error"], test["nll"], test["error"],
-                    f"{name}: best epoch {run['best_epoch']}, test error {test['errors']}/{test['n']}")
+                    f"{name}: best epoch {run['best_epoch'] + 1} of {run['epochs_run']}, test error "
+                    f"{test['errors']}/{test['n']}")
         (staging / "curves.pdf").unlink()  # the service shows the PNG; the PDF stays in the run folder
         onnx_sha = contract.sha256(onnx_path)
         now = datetime.now(timezone.utc)
@@ -127,6 +130,7 @@ def export_model(model: torch.nn.Module, run: dict, run_dir: Path, input_spec: d
         }
         validate_manifest(manifest)
         write_json(staging / contract.MANIFEST_FILE, manifest)
+        check_replacement(exports_dir / name, manifest, replace)
     return exports_dir / name
 
 
@@ -154,10 +158,3 @@ def load_run(run_dir: Path) -> tuple[dict, torch.nn.Module]:
         raise ExportError(f"{run_dir / 'model.pt'} does not fit arch {run['arch']!r}: "
                           f"{str(err).splitlines()[0]}") from None
     return run, model
-
-
-def publish(export_folder: Path, exports_dir: Path) -> Path:
-    """Copy a finished export into a serving exports folder, replacing any export of that name atomically."""
-    with atomic_folder(exports_dir / export_folder.name) as staging:
-        shutil.copytree(export_folder, staging, dirs_exist_ok=True)
-    return exports_dir / export_folder.name

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from export_contract import Figures
 from training import augment
 from training.progress import EpochProgress
 from training.recipes import Recipe
@@ -20,16 +21,8 @@ from training.recipes import Recipe
 AT_CHANCE = 0.85  # validation error at or above this, with 10 classes (chance: 0.9), is "not started"
 
 
-@dataclass
-class Metrics:
-    nll: float
-    error: float
-    errors: int
-    n: int
-
-
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> Metrics:
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> Figures:
     """Mean NLL and classification error of a log-probability model on (x, y)."""
     model.eval()
     nll_sum, errors = 0.0, 0
@@ -38,7 +31,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
         target = y[start:start + batch_size]
         nll_sum += F.nll_loss(log_probs, target, reduction="sum").item()
         errors += (log_probs.argmax(1) != target).sum().item()
-    return Metrics(nll=nll_sum / len(y), error=errors / len(y), errors=errors, n=len(y))
+    return Figures(nll=nll_sum / len(y), error=errors / len(y), errors=errors, n=len(y))
 
 
 class EarlyStopping:

@@ -1,14 +1,11 @@
-"""Run folders: written atomically, holding the checkpoint, metrics.json and the curves.
+"""Run folders: written atomically (export_contract.publish.atomic_folder), holding the checkpoint,
+metrics.json and the curves.
 
 Light to import (matplotlib loads when a plot is drawn): the command line checks folders with it
 before torch is imported."""
-import contextlib
-import ctypes
-import errno
 import json
 import os
 import platform
-import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,55 +21,6 @@ def check_writable(folder: Path) -> None:
             pass
     except OSError as err:
         raise UsageError(f"output folder {folder} is not writable: {err.strerror or err}") from None
-
-
-@contextlib.contextmanager
-def atomic_folder(final: Path):
-    """Yield a temporary sibling of `final` (hidden: a server never reads it); rename it into place
-    only if the block succeeds.
-
-    A crash leaves no half-written folder under `final`'s name; an existing `final` is replaced in
-    one step where the filesystem can swap two folders, so that a server watching the folder never
-    finds it missing (it would stop serving that model until the next look).
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; others (a container's user) must read it
-    try:
-        yield staging
-        if not final.exists():
-            staging.rename(final)
-        elif exchange(staging, final):
-            shutil.rmtree(staging)  # it holds the previous folder now
-        else:
-            retired = staging.with_suffix(".old")
-            final.rename(retired)
-            staging.rename(final)
-            shutil.rmtree(retired)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system or the
-    filesystem cannot."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
-    if renameat2 is None:
-        return False
-    at_cwd, rename_exchange = -100, 2
-    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def utc_stamp() -> str:
@@ -119,9 +67,9 @@ def plot_curves(stem: Path, val_nll: list[float], val_error: list[float], test_n
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, curve, test, label, colour in ((axes[0], val_nll, test_nll, "NLL", "tab:blue"),
                                           (axes[1], val_error, test_error, "error", "tab:red")):
-        epochs = range(len(curve))
+        epochs = range(1, len(curve) + 1)  # counted from 1, as the training output and /models count them
         ax.plot(epochs, curve, color=colour, linewidth=2, label=f"val {label}")
-        ax.hlines(test, 0, max(len(curve) - 1, 1), linestyles="dashed", color="black", label=f"test {label} {test:.3f}")
+        ax.hlines(test, 1, max(len(curve), 2), linestyles="dashed", color="black", label=f"test {label} {test:.3f}")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.set_yscale("log" if min(curve) > 0 else "linear")

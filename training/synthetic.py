@@ -7,6 +7,7 @@ shadow, perspective and rotation, then blur, noise and JPEG at the end. Every ra
 from the seed; the fonts come from the machine (`digit_fonts`), so two machines with different
 fonts write different, equally valid sets.
 """
+import contextlib
 import io
 import json
 from functools import cache
@@ -16,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from export_contract import svhn_mat
+from training.progress import Progress
 from training.svhn import FILES, SYNTHETIC_RECORD
 
 CANVAS = 128  # drawn at 4x the crop's size, then cut and shrunk: antialiased strokes and edges
@@ -142,16 +144,22 @@ def perspective(rng: np.random.Generator, layer: Image.Image, strength: float) -
 CHUNK = 1000  # crops per independently seeded chunk: the same files whatever the number of processes
 
 
-def synthetic_crops(n: int, seed: int, jobs: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_crops(n: int, seed: int, jobs: int = 1, desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """n crops: X uint8 [32, 32, 3, n] and y uint8 [n, 1] with 10 for zero (the official layout),
-    made in `jobs` processes."""
+    made in `jobs` processes; `desc`: show progress under that name."""
     chunks = [(min(CHUNK, n - start), seed, start // CHUNK) for start in range(0, n, CHUNK)]
-    if jobs > 1 and len(chunks) > 1:
-        from concurrent.futures import ProcessPoolExecutor
-        with ProcessPoolExecutor(min(jobs, len(chunks))) as pool:
-            parts = list(pool.map(crops_chunk, *zip(*chunks)))
-    else:
-        parts = [crops_chunk(*chunk) for chunk in chunks]
+    progress, parts = Progress(enabled=desc is not None), []
+    with contextlib.ExitStack() as stack:
+        if jobs > 1 and len(chunks) > 1:
+            from concurrent.futures import ProcessPoolExecutor
+            pool = stack.enter_context(ProcessPoolExecutor(min(jobs, len(chunks))))
+            made = pool.map(crops_chunk, *zip(*chunks))
+        else:
+            made = (crops_chunk(*chunk) for chunk in chunks)
+        for part in made:
+            parts.append(part)
+            progress.show(f"{desc}: {sum(x.shape[3] for x, _ in parts):,} of {n:,} crops, {progress.seconds:.0f} s")
+    progress.close()
     return np.concatenate([x for x, _ in parts], axis=3), np.concatenate([y for _, y in parts])
 
 
@@ -206,7 +214,7 @@ def write_synthetic(data_dir: Path, n_train: int, n_test: int, seed: int, jobs: 
     (data_dir / SYNTHETIC_RECORD).unlink(missing_ok=True)  # files being rewritten are no longer those it describes
     digests = {}
     for split, n, split_seed in (("train", n_train, seed), ("test", n_test, seed + 1)):
-        x, y = synthetic_crops(n, split_seed, jobs)
+        x, y = synthetic_crops(n, split_seed, jobs, desc=f"svhn-synth {split}")
         path = data_dir / FILES[split][0]
         staging = path.with_suffix(".tmp.mat")
         scipy.io.savemat(staging, {"X": x, "y": y})

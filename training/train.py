@@ -18,7 +18,8 @@ from training.errors import UsageError
 from training.export import default_name, export_model
 from training.loop import evaluate, fit
 from training.recipes import DIGITS_ARCHS, SVHN_ARCHS
-from training.runs import atomic_folder, environment, plot_curves, utc_stamp, write_json
+from export_contract.publish import atomic_folder
+from training.runs import environment, plot_curves, utc_stamp, write_json
 
 
 def resolve_device(name: str) -> torch.device:
@@ -33,9 +34,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def write_run(metrics: dict, model: torch.nn.Module, history, test_x: torch.Tensor, test_y: torch.Tensor,
-              input_spec: dict, out: Path, splits: dict | None = None) -> Path:
-    """The run folder, atomically: checkpoint, metrics.json, curves, export/NAME/ (servable; NAME from
-    training.export.default_name)."""
+              input_spec: dict, out: Path, splits: dict | None = None, name: str | None = None) -> Path:
+    """The run folder, atomically: checkpoint, metrics.json, curves, export/NAME/ (servable; NAME
+    from training.export.default_name unless given)."""
     task, arch, seed = metrics["task"], metrics["arch"], metrics["seed"]
     final = out / f"{task}-{arch}-seed{seed}-{utc_stamp()}"
     test = metrics["test"]
@@ -47,8 +48,9 @@ def write_run(metrics: dict, model: torch.nn.Module, history, test_x: torch.Tens
         if splits:  # the exact train/val indices, so the split can be audited and reproduced
             np.savez(staging / "splits.npz", **splits)
         plot_curves(staging / "curves", history.val_nll, history.val_error, test["nll"], test["error"],
-                    f"{task} {arch} (seed {seed}): best epoch {history.best_epoch}")
-        export_model(model, metrics, final, input_spec, test_x, test_y, default_name(metrics), staging / "export")
+                    f"{task} {arch} (seed {seed}): best epoch {history.best_epoch + 1} of {history.epochs_run}")
+        export_model(model, metrics, final, input_spec, test_x, test_y, name or default_name(metrics),
+                     staging / "export")
     return final
 
 
@@ -133,7 +135,8 @@ def train_svhn(args) -> tuple[Path, dict] | None:
         durations = np.diff([0.0, *history.epoch_ends])
         metrics["seconds_per_epoch"] = round(float(np.median(durations)), 3)  # median: not the first (compile, warm-up)
         metrics["seconds_to_best_epoch"] = round(history.epoch_ends[history.best_epoch], 2)
-        run_dir = write_run(metrics, model, history, test_x, test_y, svhn.INPUT_SPEC, args.out, splits={"train_indices": train_idx, "val_indices": val_idx})
+        run_dir = write_run(metrics, model, history, test_x, test_y, svhn.INPUT_SPEC, args.out,
+                            splits={"train_indices": train_idx, "val_indices": val_idx}, name=args.name)
         return run_dir, metrics
     finally:
         if world > 1:
@@ -186,7 +189,7 @@ def comparison_table(rows: list[dict]) -> str:
     for row in rows:
         test = row["test"]
         nll = "n/a (hard votes)" if test["nll"] is None else f"{test['nll']:.4f}"
-        epochs = "—" if row["epochs_run"] is None else f"{row['epochs_run']} ({row['best_epoch']})"
+        epochs = "—" if row["epochs_run"] is None else f"{row['epochs_run']} ({row['best_epoch'] + 1})"
         lines.append(f"| {row['arch']} | {nll} | {test['error']:.4f} | {test['errors']}/{test['n']} | {epochs} "
                      f"| {row['wall_seconds']:.1f} |")
     return "\n".join(lines) + "\n"

@@ -5,8 +5,9 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
 from serving import images, schemas
+from serving.api.bodies import read_body
+from serving.api.common import AUTH, error_response, service_of
 from serving.errors import InputError
-from serving.http_helpers import AUTH, error_response, read_body, service_of
 from serving.inference import ServedModel
 from serving.service import MAX_IMAGES_PER_REQUEST
 
@@ -63,7 +64,7 @@ async def model_ready(name: str, request: Request):
 async def infer(name: str, request: Request):
     model = served(request, name)
     request.state.model = name
-    body = await read_body(request)
+    body = await read_body(request, service_of(request).config.max_payload_bytes)
     try:
         infer_request = schemas.V2InferRequest.model_validate_json(body)
     except ValidationError as err:

@@ -1,0 +1,51 @@
+"""Every error any route raises, answered as `{"error": ...}` with its status: the one mapping."""
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+
+from serving.api.common import error_response
+from serving.errors import Overloaded, ServiceError
+
+
+async def service_error(request: Request, err: ServiceError) -> JSONResponse:
+    headers = {"Retry-After": str(err.retry_after)} if isinstance(err, Overloaded) else None
+    return error_response(err.status, err.message, headers)
+
+
+async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+    """Starlette's own: unknown paths (404), wrong methods (405)."""
+    headers = getattr(err, "headers", None)
+    if err.status_code == 404:
+        message = f"no route {request.url.path[:200]}: see /docs for the API"
+    elif err.status_code == 405 and headers and "allow" in {k.lower() for k in headers}:
+        allowed = next(v for k, v in headers.items() if k.lower() == "allow")
+        message = f"{request.method} is not allowed on {request.url.path[:200]}; use {allowed}"
+    else:
+        message = str(err.detail)
+    return error_response(err.status_code, message, headers)
+
+
+async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    first = err.errors()[0]
+    return error_response(422, f"{first['msg']} at {'/'.join(map(str, first['loc']))}")
+
+
+async def client_gone(request: Request, err: ClientDisconnect) -> Response:
+    """The client closed the connection before its request arrived: nobody to answer, nothing wrong
+    here. 499 (nginx's "client closed request") is what the metrics count."""
+    return Response(status_code=499)
+
+
+async def unexpected_error(request: Request, err: Exception) -> JSONResponse:
+    """A bug: the client gets one JSON line; Starlette re-raises so that the server logs the traceback."""
+    return error_response(500, "internal error (logged by the server)")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(ClientDisconnect, client_gone)
+    app.add_exception_handler(Exception, unexpected_error)

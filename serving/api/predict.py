@@ -1,0 +1,47 @@
+"""POST /predict: one or several images (or pixel arrays) in, one answer per input out."""
+import numpy as np
+from fastapi import APIRouter, Request
+
+from serving import images, schemas
+from serving.api.bodies import read_request
+from serving.api.common import AUTH, service_of
+from serving.routing import Routed
+
+PREDICT_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": schemas.PredictJSON.model_json_schema()},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "model": {"type": "string"}, "invert": {"type": "boolean"}, "resize": {"type": "boolean"},
+        "model_input": {"type": "boolean"}}}},
+    **{media: {"schema": {"type": "string", "format": "binary"}} for media in ("image/png", "image/jpeg")},
+}}}
+
+router = APIRouter(tags=["prediction"])
+
+
+@router.post("/predict", dependencies=AUTH, response_model=schemas.PredictResponse, response_model_exclude_none=True,
+             responses=schemas.ERROR_RESPONSES, openapi_extra=PREDICT_BODY,
+             summary="Classify one or several images (8x8 digits, 32x32 house-number crops, or photos with resize)")
+async def predict(request: Request):
+    """Multipart upload (any number of file fields), JSON, or one image as the body. Options `model`,
+    `invert`, `resize`, `model_input` as query parameters, form fields or JSON fields. Each input goes
+    to the model that takes its size and colour (its answer says why), unless `model` names one."""
+    service = service_of(request)
+    inputs, options = await read_request(request, service.config.max_payload_bytes)
+    async with service.admission.admitted():
+        routed = await service.prepare(inputs, options)
+        request.state.model = routed[0].model.name
+        log_probs, batch_images = await service.infer([(r.model, r.array) for r in routed])
+    return {"predictions": [prediction(label, r, rows, batch_images, options.model_input and kind == "bytes")
+                            for (label, kind, _), r, rows in zip(inputs, routed, log_probs)]}
+
+
+def prediction(label: str, routed: Routed, log_probs: np.ndarray, batch_images: int, with_input: bool) -> dict:
+    """One input's answer, naming the version that gave it and why; what the model saw if asked."""
+    probabilities = np.exp(log_probs.astype(np.float64))
+    answer = {"input": label, "model": routed.model.name, "version": routed.model.version, "routed": routed.reason,
+              "label": int(np.argmax(log_probs)), "probabilities": [round(float(p), 6) for p in probabilities],
+              "batch_size": batch_images}
+    if with_input:
+        answer["model_input"] = images.as_pixels(routed.array)
+    return answer
