@@ -1,6 +1,6 @@
 """Liveness under decode bombs: /health latency while clients send the largest images.
 
-    PYTHONPATH=. .venv/bin/python bench/decode_bomb.py [--seconds 15]
+    .venv/bin/python -m bench.decode_bomb [--seconds 15]
 
 Two kinds of sender, two of each: the adversary's bomb (31 blank 4096 x 4096 16-bit PNGs in one
 request with resize=true, about 1 MB; refused 413 from the headers now), and the largest request
@@ -9,18 +9,14 @@ every 20 ms. Target: /health p99 <= 100 ms.
 """
 import argparse
 import io
-import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from serving_helpers import ServerProcess  # noqa: E402
+from bench.harness import ROOT, running_server
 
 
 def main() -> None:
@@ -31,12 +27,9 @@ def main() -> None:
     Image.new("I;16", (4096, 4096)).save(buffer, format="PNG")
     blank = buffer.getvalue()
     bomb = [("file", (f"{i}.png", blank)) for i in range(31)]
-    server = ServerProcess(ROOT / "exports")
     statuses, latencies = Counter(), []
     stop = threading.Event()
-    try:
-        server.wait_ready()
-
+    with running_server(ROOT / "exports") as server:
         def sender(files):
             with httpx.Client(base_url=server.url, timeout=60) as client:
                 while not stop.is_set():
@@ -54,8 +47,6 @@ def main() -> None:
         stop.set()
         for thread in senders:
             thread.join()
-    finally:
-        server.stop()
     latencies.sort()
     p99 = latencies[int(0.99 * (len(latencies) - 1))]
     print(f"/health while bombs were sent ({args.seconds:g} s, {len(latencies)} polls): p50 "

@@ -1,6 +1,7 @@
 """Digits targets: the four archs over seeds 0, 1, 2 (--seeds) on this machine; medians against the issue's targets.
 
-    .venv/bin/python bench/digits.py [--out runs/bench-digits] [--no-reproducible]
+    .venv/bin/python -m bench.digits [--out runs/bench-digits] [--archs ARCH ...] [--seeds 0 1 2] [--max-epochs 1000]
+                                     [--no-reproducible]
 
 Trains as `python -m training digits` does by default: in reproducible mode (training/reproducible.py).
 
@@ -24,6 +25,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-digits"))
     parser.add_argument("--archs", nargs="+", default=list(DIGITS_ARCHS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--max-epochs", type=int, default=1000)
     parser.add_argument("--reproducible", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     if args.reproducible:
@@ -32,14 +34,14 @@ def main() -> None:
 
     from training.runs import cpu_info
     from training.train import knn_baseline, train_digits
-    lines = [f"## Digits (`bench/digits.py`), {cpu_info()[0]}, torch {torch.__version__}, "
+    lines = [f"## Digits (`python -m bench.digits`), {cpu_info()[0]}, torch {torch.__version__}, "
              f"{'reproducible mode' if args.reproducible else 'natural CPU dispatch'}", "",
              "| arch | seed | test NLL | errors /447 | best epoch / run | wall s |", "|---|---|---|---|---|---|"]
     summary = ["", "| arch | median errors | median NLL | max wall s | target | met |", "|---|---|---|---|---|---|"]
     for arch in args.archs:
         runs = []
         for seed in args.seeds:
-            _, m = train_digits(arch, seed, 1000, 20, torch.device("cpu"), args.out, progress=False,
+            _, m = train_digits(arch, seed, args.max_epochs, 20, torch.device("cpu"), args.out, progress=False,
                                 reproducible_mode=args.reproducible)
             runs.append(m)
             lines.append(f"| {arch} | {seed} | {m['test']['nll']:.4f} | {m['test']['errors']} | "

@@ -5,7 +5,7 @@
 - a 0.23 MB test split that decompresses to 2.4 GB, published: peak growth while it is refused;
 - /predict throughput while four clients loop on /evaluate of the largest model (>= 70 % kept).
 
-    PYTHONPATH=. .venv/bin/python bench/exhaustion.py [--seconds 10]
+    .venv/bin/python -m bench.exhaustion [--seconds 10] [--megabytes 100] [--names 2000] [--bomb-megabytes 2304]
 """
 import argparse
 import io
@@ -24,41 +24,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "bench"))
-from serve import BOUNDARY, multipart, run_python_load, upload_image  # noqa: E402
-from serving_helpers import ServerProcess, copy_committed  # noqa: E402
-from soak import process_tree, rss_mb  # noqa: E402
-
-
-class PeakRss:
-    """Samples the resident memory of the server's processes every 5 ms: the largest growth of any one."""
-
-    def __init__(self, root: int):
-        self.pids = process_tree(root)
-        self.base = {pid: rss_mb(pid) or 0 for pid in self.pids}
-        self.peak = dict(self.base)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.sample, daemon=True)
-
-    def sample(self):
-        while not self.stop.is_set():
-            for pid in self.pids:
-                self.peak[pid] = max(self.peak[pid], rss_mb(pid) or 0)
-            time.sleep(0.005)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-
-    @property
-    def growth(self) -> float:
-        return max(self.peak[pid] - self.base[pid] for pid in self.pids)
+from bench.harness import (ROOT, PeakRss, copy_committed, process_tree, rss_mb, run_python_load, running_server,
+                           upload_body)
 
 
 def header_flood(server, megabytes: int) -> tuple[float, bytes]:
@@ -81,8 +48,9 @@ def unknown_names(server, count: int, size: int) -> float:
     return sum(rss_mb(pid) or 0 for pid in process_tree(server.process.pid)) - before
 
 
-def split_bomb(server, exports: Path) -> tuple[float, float, str]:
-    """digits-cnn published again with an LZMA test split of zeros that decompresses to 2.4 GB."""
+def split_bomb(server, exports: Path, megabytes: int) -> tuple[float, float, str]:
+    """digits-cnn published again with an LZMA test split of zeros that decompresses to `megabytes`
+    (2.4 GB by default) and declares 2.4 GB."""
     staging = Path(tempfile.mkdtemp(dir=exports, prefix=".bomb"))
     folder = staging / "digits-cnn"
     shutil.copytree(exports / "digits-cnn", folder)
@@ -93,9 +61,10 @@ def split_bomb(server, exports: Path) -> tuple[float, float, str]:
                                                       "shape": (9_375_000, 1, 8, 8)})
         with archive.open("x.npy", "w", force_zip64=True) as member:
             member.write(header.getvalue())
-            zeros = bytes(64 << 20)
-            for _ in range(36):
-                member.write(zeros)
+            zeros, left = memoryview(bytes(64 << 20)), megabytes << 20
+            while left:
+                member.write(zeros[:min(left, len(zeros))])
+                left -= min(left, len(zeros))
         archive.writestr("y.npy", (folder / "test_set.npz").read_bytes()[:0])
     (folder / "test_set.npz").write_bytes(buffer.getvalue())
     manifest = json.loads((folder / "model.json").read_text())
@@ -112,9 +81,7 @@ def split_bomb(server, exports: Path) -> tuple[float, float, str]:
 
 
 def evaluate_fairness(server, seconds: int, model: str) -> tuple[float, float, int]:
-    folder = ROOT / "exports" / "digits-cnn"
-    body = Path(tempfile.mkdtemp()) / "body.bin"
-    body.write_bytes(multipart(upload_image(folder, json.loads((folder / "model.json").read_text())["input"])))
+    body = upload_body(ROOT / "exports" / "digits-cnn")
     url = f"{server.url}/predict"
     alone = run_python_load(url, body, 32, seconds)["ok_rps"]
     stop, evaluations = threading.Event(), []
@@ -137,28 +104,27 @@ def evaluate_fairness(server, seconds: int, model: str) -> tuple[float, float, i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--megabytes", type=int, default=100)
+    parser.add_argument("--megabytes", type=int, default=100, help="header lines sent to /health")
+    parser.add_argument("--names", type=int, default=2000, help="distinct unknown model names asked for, per size")
+    parser.add_argument("--bomb-megabytes", type=int, default=2304, help="what the published test split inflates to")
     args = parser.parse_args()
     exports = Path(tempfile.mkdtemp()) / "exports"
     copy_committed(exports, "digits-cnn", "digits-mlp", "svhn-synthetic-cnn")
-    server = ServerProcess(exports, args=("--workers", "2", "--reload-interval", "0"))
-    try:
-        server.wait_ready()
+    with running_server(exports, "--workers", "2", "--reload-interval", "0") as server:
         flood, answer = header_flood(server, args.megabytes)
-        names = unknown_names(server, 2000, 60_000)
-        names_short = unknown_names(server, 2000, 6_000)
+        names = unknown_names(server, args.names, 60_000)
+        names_short = unknown_names(server, args.names, 6_000)
         alone, beside, evaluations = evaluate_fairness(server, args.seconds, "svhn-synthetic-cnn")
-        bomb, bomb_seconds, bomb_result = split_bomb(server, exports)
-    finally:
-        server.stop()
-    print(f"## Exhaustion (`bench/exhaustion.py {' '.join(sys.argv[1:])}`), {platform.machine()}, "
+        bomb, bomb_seconds, bomb_result = split_bomb(server, exports, args.bomb_megabytes)
+    print(f"## Exhaustion (`python -m bench.exhaustion {' '.join(sys.argv[1:])}`), {platform.machine()}, "
           f"{os.cpu_count()} cores\n")
     print("| attack | measured | target |\n|---|---|---|")
     print(f"| {args.megabytes} MB of header lines to /health | peak +{flood:.1f} MB in one process; answer "
           f"`{answer.decode()}` | < 50 MB |")
-    print(f"| 2,000 distinct 60 KB names on /models/NAME | 414 each; +{names:.1f} MB kept (all processes) | < 50 MB |")
-    print(f"| 2,000 distinct 6 KB names on /models/NAME | 404 each; +{names_short:.1f} MB kept (all processes) | "
+    print(f"| {args.names:,} distinct 60 KB names on /models/NAME | 414 each; +{names:.1f} MB kept (all processes) | "
           "< 50 MB |")
+    print(f"| {args.names:,} distinct 6 KB names on /models/NAME | 404 each; +{names_short:.1f} MB kept "
+          "(all processes) | < 50 MB |")
     print(f"| test-split bomb published ({bomb_result}) | peak +{bomb:.1f} MB, refused in {bomb_seconds:.2f} s | "
           "rejected before decompressing |")
     print(f"| /predict while 4 clients loop on /evaluate of svhn-synthetic-cnn | {beside:.0f} req/s of {alone:.0f} "

@@ -1,10 +1,10 @@
-"""The comparison point for bench/serve.py: a minimal FastAPI + ONNX Runtime endpoint.
+"""The comparison point for bench.serve: a minimal FastAPI + ONNX Runtime endpoint.
 
 Decodes the uploaded PNG with Pillow and runs the same ONNX artifact per request (grayscale digits
 scaled to the model's range, or RGB crops as uint8), with no batching, validation or metrics. On
 CUDA when asked and ONNX Runtime has the provider. Not part of the service.
 
-    python bench/fastapi_baseline.py EXPORT_FOLDER PORT [--device cpu|cuda] [--workers N]
+    .venv/bin/python -m bench.fastapi_baseline EXPORT_FOLDER PORT [--device cpu|cuda] [--workers N]
 """
 import argparse
 import io
@@ -48,5 +48,5 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     os.environ.update(BASELINE_EXPORT=args.folder, BASELINE_DEVICE=args.device)
-    uvicorn.run("fastapi_baseline:app", app_dir=os.path.dirname(os.path.abspath(__file__)), host="127.0.0.1",
-                port=args.port, workers=args.workers, log_level="warning")
+    uvicorn.run("bench.fastapi_baseline:app", app_dir=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                host="127.0.0.1", port=args.port, workers=args.workers, log_level="warning")

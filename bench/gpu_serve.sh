@@ -40,7 +40,7 @@ else
   echo "onnx: skipped, this ONNX Runtime has no CUDA provider (onnxruntime-gpu is not installed)"
 fi
 for backend in "${backends[@]}"; do
-  timeout 200 "$PYTHON" bench/serve.py --exports "$WORK/exports" --model svhn-synthetic-cnn --backend "$backend" \
+  timeout 200 "$PYTHON" -m bench.serve --exports "$WORK/exports" --model svhn-synthetic-cnn --backend "$backend" \
     --device "$DEVICE" --connections "$CONNECTIONS" --seconds "$SECONDS_PER_RUN" --load python \
     --baseline-workers "$WORKERS" -- --workers "$WORKERS"
 done

@@ -3,7 +3,7 @@ adversary used (broken image headers, undocumented formats, decode bombs, mutate
 absurd JSON and v2 tensors, hostile paths and methods). Target: 0 answers 5xx, 0 hangs, 0 process
 deaths.
 
-    PYTHONPATH=. .venv/bin/python bench/hostile.py [--requests 12000] [--connections 16] [--seed 0]
+    .venv/bin/python -m bench.hostile [--requests 12000] [--connections 16] [--seed 0] [--url URL]
 
 Starts its own server on the committed exports (or --url for one already running). Prints the
 status counts, the slowest answers, and whether every process of the server is still there.
@@ -16,15 +16,12 @@ import struct
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from serving_helpers import ServerProcess, png_chunk, saved  # noqa: E402
+from bench.harness import ROOT, ServerProcess, png_chunk, saved
 
 
 def seeds() -> list[bytes]:

@@ -1,7 +1,8 @@
 """A small HTTP/1.1 load generator for machines without wrk: several processes, each holding
 keep-alive connections on asyncio streams, each connection sending one request after another.
 
-    python bench/load.py URL BODY_FILE CONTENT_TYPE --connections 384 --seconds 20 [--processes 8]
+    .venv/bin/python -m bench.load URL BODY_FILE CONTENT_TYPE --connections 384 --seconds 20 [--processes 8]
+                                   [--backoff]
 
 Prints one JSON line: requests/s, p50/p99 latency (ms), non-2xx responses, connection errors; and
 for admission control, the same for the 2xx answers alone and for the 503s (shed). `--backoff`: on a

@@ -1,6 +1,6 @@
 """The original notebook's digits loop, replayed independently of `training/`, to judge the seed reproductions.
 
-    .venv/bin/python bench/notebook_replay.py [--archs mlp cnn] [--seeds 0 1 2]
+    .venv/bin/python -m bench.notebook_replay [--archs mlp cnn] [--seeds 0 1 2] [--max-epochs 1000]
 
 What it keeps from the notebook (../shared/seed/assignment4.txt): `torch.manual_seed` then the
 model, a shuffling `DataLoader` (batch 64), Adamax (lr 1e-3, wd 1e-5), val NLL per epoch, the best
@@ -40,7 +40,7 @@ def nll_and_errors(net: nn.Module, loader: DataLoader) -> tuple[float, int]:
     return nll / n, errors
 
 
-def replay(arch: str, seed: int) -> tuple[float, int, int]:
+def replay(arch: str, seed: int, max_epochs: int = 1000) -> tuple[float, int, int]:
     """(test NLL, test errors, epochs run) of one notebook run."""
     torch.manual_seed(seed)
     digits = load_digits()
@@ -52,7 +52,7 @@ def replay(arch: str, seed: int) -> tuple[float, int, int]:
     net = notebook_net(arch)
     optimizer = torch.optim.Adamax(net.parameters(), lr=1e-3, weight_decay=1e-5)
     best_nll, best_state, patience = float("inf"), None, 0
-    for epoch in range(1000):
+    for epoch in range(max_epochs):
         net.train()
         for x, y in train:
             loss = nn.functional.nll_loss(net(x), y)
@@ -74,11 +74,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--archs", nargs="+", choices=["mlp", "cnn"], default=["mlp", "cnn"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--max-epochs", type=int, default=1000)
     args = parser.parse_args()
     print("| notebook arch | seed | test NLL | errors /447 | epochs |\n|---|---|---|---|---|")
     for arch in args.archs:
         for seed in args.seeds:
-            nll, errors, epochs = replay(arch, seed)
+            nll, errors, epochs = replay(arch, seed, args.max_epochs)
             print(f"| {arch} | {seed} | {nll:.4f} | {errors} | {epochs} |", flush=True)
 
 

@@ -2,8 +2,8 @@
 Targets (2 cores, 512 connections): p99 of the accepted requests <= 200 ms, every other request a
 fast 503, none hanging.
 
-    PYTHONPATH=. .venv/bin/python bench/overload.py [--connections 512 2048] [--seconds 20] [--tool python|wrk]
-                                                    [-- SERVER FLAGS]
+    .venv/bin/python -m bench.overload [--connections 512 2048] [--seconds 20] [--tool python|wrk]
+                                       [-- SERVER FLAGS]
 
 Each connection sends its next request as soon as the last is answered, and, as HTTP clients and
 load balancers should, waits the Retry-After of a 503 first (times 0.5-1.5, the usual jitter that
@@ -12,17 +12,9 @@ keeps refused clients from returning all at once); `--no-backoff` resends at onc
 external tool, which resends at once and reports the latency of every answer, 503s included).
 """
 import argparse
-import json
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "bench"))
-from serve import BOUNDARY, multipart, run_wrk, upload_image  # noqa: E402
-from serving_helpers import ServerProcess  # noqa: E402
+from bench.harness import ROOT, run_python_load, run_wrk, running_server, upload_body
 
 
 def main() -> None:
@@ -33,26 +25,16 @@ def main() -> None:
     parser.add_argument("--tool", choices=["python", "wrk"], default="python")
     parser.add_argument("server_flags", nargs="*")
     args = parser.parse_args()
-    folder = ROOT / "exports" / "digits-cnn"
-    body = Path(tempfile.mkdtemp()) / "body.bin"
-    body.write_bytes(multipart(upload_image(folder, json.loads((folder / "model.json").read_text())["input"])))
-    server = ServerProcess(ROOT / "exports", args=tuple(args.server_flags))
+    body = upload_body(ROOT / "exports" / "digits-cnn")
     rows = []
-    try:
-        server.wait_ready()
+    with running_server(ROOT / "exports", *args.server_flags) as server:
         for connections in args.connections:
             if args.tool == "wrk":
                 rows.append((connections, run_wrk(f"{server.url}/predict", body, connections, args.seconds)))
                 continue
-            out = subprocess.run([sys.executable, str(ROOT / "bench" / "load.py"), f"{server.url}/predict", str(body),
-                                  f"multipart/form-data; boundary={BOUNDARY}", "--connections", str(connections),
-                                  "--seconds", str(args.seconds), "--processes", "1",
-                                  *(["--backoff"] if args.backoff else [])],
-                                 capture_output=True, text=True, check=True).stdout
-            rows.append((connections, json.loads(out)))
-    finally:
-        server.stop()
-    print(f"## Overload (`bench/overload.py {' '.join(sys.argv[1:])}`)\n")
+            rows.append((connections, run_python_load(f"{server.url}/predict", body, connections, args.seconds,
+                                                      processes=1, backoff=args.backoff)))
+    print(f"## Overload (`python -m bench.overload {' '.join(sys.argv[1:])}`)\n")
     if args.tool == "wrk":  # wrk's latencies are of every answer, accepted or refused
         print("| connections | answered/s | p50 ms (all) | p99 ms (all) | refused (non-2xx) | socket errors |\n"
               "|---|---|---|---|---|---|")

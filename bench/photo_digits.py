@@ -1,7 +1,7 @@
 """Photos and drawings of one digit, as users send them, through resize=true: accuracy of a digits
-model before and after the dataset-like preprocessing (serving/images.py: digit_bitmap_counts).
+model before and after the dataset-like preprocessing (serving/resize.py: digit_bitmap_counts).
 
-    .venv/bin/python bench/photo_digits.py [--n 600] [--seed 0] [--model digits-cnn] [--save DIR]
+    .venv/bin/python -m bench.photo_digits [--n 600] [--seed 0] [--model digits-cnn] [--save DIR]
 
 Renders the digits 0-9 in every font on the machine (system TrueType/OpenType fonts, plus
 matplotlib's when installed; symbol fonts left out) on large canvases (160-800 px a side): random
@@ -16,18 +16,19 @@ polarity through invert (and without it: what a user who did not know about inve
 import argparse
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from serving import images
+from serving.backends import BACKENDS
+from serving.errors import InputError
+from serving.resize import digit_bitmap_counts
+from training.synthetic import digit_fonts
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from serving import images  # noqa: E402
-from serving.backends import BACKENDS  # noqa: E402
-from serving.errors import InputError  # noqa: E402
-from training.synthetic import digit_fonts  # noqa: E402
+
 
 def render(rng: np.random.Generator, font_path: Path, digit: int) -> tuple[bytes, bool]:
     """One upload: (encoded image, whether its ink is dark on light)."""
@@ -76,7 +77,9 @@ def main() -> None:
 
     fonts = digit_fonts()
     manifest = json.loads((ROOT / "exports" / args.model / "model.json").read_text())
-    model = BACKENDS["onnx"](ROOT / "exports" / args.model / "model.onnx", "cpu", manifest["input"]["name"])
+    artifact = manifest["artifacts"]["onnx"]["file"]
+    model = BACKENDS["onnx"]((ROOT / "exports" / args.model / artifact).read_bytes(), artifact, "cpu",
+                             manifest["input"]["name"])
     rng = np.random.default_rng(args.seed)
     pipelines = {
         "before, told the polarity": lambda gray, dark: former_resize(gray, invert=dark),
@@ -107,7 +110,8 @@ def main() -> None:
     for name, arrays in inputs.items():
         refused = [a is None for a in arrays]
         batch = np.stack([np.zeros((8, 8), np.float32) if a is None else a for a in arrays])[:, None]
-        predicted = model(batch.astype(np.float32)).argmax(axis=1)
+        log_probs, _ = model(batch.astype(np.float32))  # and the "not a digit" score, where the model has one
+        predicted = log_probs.argmax(axis=1)
         right = (predicted == labels) & ~np.array(refused)
         print(f"| {name} | {right.mean():.1%} | {sum(refused)} |")
         per_digit[name] = [right[labels == digit].mean() for digit in range(10)]

@@ -3,11 +3,10 @@ a new folder (renamed into place) that every HTTP process checks, loads, warms, 
 split and swaps in, while a little traffic keeps every version in use. Target: after 100 reloads the
 server's processes together hold at most 50 MB more resident memory than after the first.
 
-    PYTHONPATH=. .venv/bin/python bench/reload_memory.py [--reloads 100] [--model svhn-synthetic-cnn]
+    .venv/bin/python -m bench.reload_memory [--reloads 100] [--model svhn-synthetic-cnn]
 """
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -15,13 +14,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "bench"))
-from serving_helpers import ServerProcess, copy_committed  # noqa: E402
-from soak import process_tree, rss_mb  # noqa: E402
-
-from export_contract.publish import atomic_folder  # noqa: E402  (what --export-to and publish use)
+from bench.harness import copy_committed, process_tree, rss_mb, running_server
+from export_contract.publish import atomic_folder  # what --export-to and publish use
 
 
 def republish(source: Path, exports: Path) -> None:
@@ -45,24 +39,22 @@ def main() -> None:
     copy_committed(source.parent, args.model)
     shape = (32, 32, 3) if args.model.startswith("svhn") else (8, 8)  # JSON pixels: H x W (x RGB)
     body = {"model": args.model, "pixels": [np.zeros(shape, dtype=np.uint8 if len(shape) == 3 else float).tolist()]}
-    server = ServerProcess(exports, args=("--reload-interval", "0"))  # reloads on request only, counted
     try:
-        server.wait_ready()
-        samples, started = [], time.perf_counter()
-        with httpx.Client(base_url=server.url, timeout=60) as client:
-            for reload in range(1, args.reloads + 1):
-                republish(source, exports)
-                changes = client.post("/models/reload").json()["changes"]
-                assert [c["event"] for c in changes] == ["served"], changes
-                for _ in range(20):  # traffic on the new version, in whichever process answers
-                    assert client.post("/predict", json=body).status_code == 200
-                if reload == 1 or reload % 10 == 0:
-                    time.sleep(1)  # the other processes' reloads (forwarded by SIGHUP) have finished
-                    samples.append((reload, total_rss(server.process.pid)))
-                    print(f"reload {reload:4d}: {samples[-1][1]:7.1f} MB resident, all processes", flush=True)
-        elapsed = time.perf_counter() - started
+        with running_server(exports, "--reload-interval", "0") as server:  # reloads on request only, counted
+            samples, started = [], time.perf_counter()
+            with httpx.Client(base_url=server.url, timeout=60) as client:
+                for reload in range(1, args.reloads + 1):
+                    republish(source, exports)
+                    changes = client.post("/models/reload").json()["changes"]
+                    assert [c["event"] for c in changes] == ["served"], changes
+                    for _ in range(20):  # traffic on the new version, in whichever process answers
+                        assert client.post("/predict", json=body).status_code == 200
+                    if reload == 1 or reload % 10 == 0 or reload == args.reloads:
+                        time.sleep(1)  # the other processes' reloads (forwarded by SIGHUP) have finished
+                        samples.append((reload, total_rss(server.process.pid)))
+                        print(f"reload {reload:4d}: {samples[-1][1]:7.1f} MB resident, all processes", flush=True)
+            elapsed = time.perf_counter() - started
     finally:
-        server.stop()
         shutil.rmtree(work, ignore_errors=True)
     growth = samples[-1][1] - samples[0][1]
     print(f"\n{args.reloads} reloads of {args.model} in {elapsed:.0f} s: {samples[0][1]:.1f} MB after the first, "

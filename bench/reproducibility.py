@@ -1,14 +1,17 @@
 """Where digits training diverges between machines: one run per CPU dispatch setting, compared.
 
-    PYTHONPATH=. .venv/bin/python bench/reproducibility.py [--arch cnn] [--seed 0] [--reference-ts FILE]
-    PYTHONPATH=. .venv/bin/python bench/reproducibility.py --arch cnn --cost 5
+    .venv/bin/python -m bench.reproducibility [--arch cnn] [--seed 0] [--reference-ts FILE]
+                                              [--setting LABEL ...] [--max-epochs N]
+    .venv/bin/python -m bench.reproducibility --arch cnn --cost 5
 
 Each row is `python -m training digits --arch ARCH --seed SEED` in a fresh process with environment
 variables that imitate another machine (a lower vector extension, fewer cores) or pin one choice.
 Columns: test errors and NLL (PyTorch, best epoch), the first epoch whose validation NLL differs
 from the reproducible-mode run's, seconds per epoch, the checkpoint's sha256 prefix and, with
 --reference-ts (e.g. an earlier commit's exports/digits-cnn/model.ts), whether its weights are
-bit-identical to that model's.
+bit-identical to that model's. `--setting` runs only the rows named (with the reproducible-mode row,
+which the others are compared with); `--max-epochs` caps each run (the training command's default:
+1000 with early stopping).
 
 --cost N measures what reproducible mode costs instead: N runs of 30 epochs each (no early stop) in
 natural dispatch and in reproducible mode, alternated so that a noisy neighbour hits both alike;
@@ -82,13 +85,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference-ts", type=Path, help="a TorchScript export whose weights each run is compared with")
     parser.add_argument("--cost", type=int, metavar="N", help="measure the cost of reproducible mode over N runs each")
+    parser.add_argument("--setting", action="append", choices=[label for label, _, _ in SETTINGS], metavar="LABEL",
+                        help="run only this row (repeatable; the reproducible-mode row always runs): one of "
+                             + "; ".join(label for label, _, _ in SETTINGS))
+    parser.add_argument("--max-epochs", type=int, help="cap each run's epochs")
     args = parser.parse_args()
     if args.cost:
         return cost(args.arch, args.seed, args.cost)
+    chosen = {BASELINE, *(args.setting or [label for label, _, _ in SETTINGS])}
+    capped = ["--max-epochs", str(args.max_epochs)] if args.max_epochs else []
     runs = {}
     with tempfile.TemporaryDirectory() as scratch:
         for i, (label, env, flags) in enumerate(SETTINGS):
-            runs[label] = train(args.arch, args.seed, env, flags, Path(scratch) / str(i))
+            if label not in chosen:
+                continue
+            runs[label] = train(args.arch, args.seed, env, flags + capped, Path(scratch) / str(i))
             print(f"ran: {label}", file=sys.stderr, flush=True)
         baseline = runs[BASELINE]["val_nll"]
         header = "| setting | kernels, threads | test errors | test NLL | first epoch unlike the pinned run | s / epoch | checkpoint |"

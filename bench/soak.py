@@ -2,7 +2,7 @@
 resident memory of every one of its processes sampled throughout. Targets: 0 errors on the valid
 requests, resident memory growth <= 50 MB per process after warm-up.
 
-    PYTHONPATH=. .venv/bin/python bench/soak.py [--valid 20000] [--hostile 5000] [--connections 64]
+    .venv/bin/python -m bench.soak [--valid 20000] [--hostile 5000] [--connections 64] [--warmup 2000]
 """
 import argparse
 import asyncio
@@ -13,16 +13,12 @@ import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "bench"))
-from hostile import generate  # noqa: E402
-from serving_helpers import ServerProcess, png  # noqa: E402
+from bench.harness import ROOT, png, process_tree, rss_mb, running_server
+from bench.hostile import generate
 
 
 def valid_requests(n: int, seed: int):
@@ -46,31 +42,6 @@ def valid_requests(n: int, seed: int):
             body = json.dumps({"inputs": [{"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32",
                                            "data": digit.ravel().tolist()}]}).encode()
             yield "valid", "POST", "/v2/models/digits-cnn/infer", {"content-type": "application/json"}, body
-
-
-def rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def process_tree(root: int) -> list[int]:
-    found, frontier = [root], [root]
-    while frontier:
-        parent = frontier.pop()
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
-                        found.append(int(entry.name))
-                        frontier.append(int(entry.name))
-                except (OSError, IndexError, ValueError):
-                    pass
-    return found
 
 
 async def send(url: str, requests: list, connections: int) -> Counter:
@@ -97,15 +68,14 @@ def main() -> None:
     parser.add_argument("--valid", type=int, default=20000)
     parser.add_argument("--hostile", type=int, default=5000)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=2000, help="valid requests sent before memory is measured")
     args = parser.parse_args()
     hostile = [("hostile", method, path + ("?" + "&".join(f"{k}={v}" for k, v in params.items()) if params else ""),
                 headers, body) for method, path, params, headers, body in generate(args.hostile, seed=1)]
     mixed = list(valid_requests(args.valid, seed=0)) + hostile
     random.Random(2).shuffle(mixed)
-    server = ServerProcess(ROOT / "exports", args=("--workers", "2"))
-    try:
-        server.wait_ready()
-        asyncio.run(send(server.url, list(valid_requests(2000, seed=9)), args.connections))  # warm-up
+    with running_server(ROOT / "exports", "--workers", "2") as server:
+        asyncio.run(send(server.url, list(valid_requests(args.warmup, seed=9)), args.connections))  # warm-up
         pids = process_tree(server.process.pid)
         baseline = {pid: rss_mb(pid) for pid in pids}
         peaks = dict(baseline)
@@ -127,8 +97,6 @@ def main() -> None:
         final = {pid: rss_mb(pid) for pid in pids}
         alive = server.process.poll() is None
         log = server.output()
-    finally:
-        server.stop()
     valid_errors = sum(n for (kind, status), n in outcomes.items() if kind == "valid" and status != 200)
     hostile_5xx = sum(n for (kind, status), n in outcomes.items()
                       if kind == "hostile" and (not isinstance(status, int) or status >= 500))

@@ -1,7 +1,8 @@
 """Compare a digits recipe variant on the validation split: the tool behind the sweep tables in RESULTS.md.
 
-    .venv/bin/python bench/sweep_digits.py --arch mlp --model dropout=0.05 --seeds 0 1 2 3 4 5
-    .venv/bin/python bench/sweep_digits.py --arch mlp --recipe ema_decay=0.99 ema_bias_correction=true
+    .venv/bin/python -m bench.sweep_digits --arch mlp --model dropout=0.05 --seeds 0 1 2 3 4 5
+    .venv/bin/python -m bench.sweep_digits --arch mlp --recipe ema_decay=0.99 ema_bias_correction=true
+    .venv/bin/python -m bench.sweep_digits [--arch mlp] [--seeds 0 1 2] [--max-epochs 1000]
 
 `--model` overrides keyword arguments of the architecture's builder (training/models.py) and
 `--recipe` fields of its Recipe (training/recipes.py). Decide on the mean best validation NLL;
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--model", nargs="*", type=assignment, default=[], metavar="KEY=VALUE")
     parser.add_argument("--recipe", nargs="*", type=assignment, default=[], metavar="KEY=VALUE")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--max-epochs", type=int, default=1000)
     args = parser.parse_args()
     spec = DIGITS_ARCHS[args.arch]
     try:  # unknown names fail here, before any training
@@ -60,7 +62,7 @@ def main() -> None:
     for seed in args.seeds:
         torch.manual_seed(seed)
         model = spec.build(**dict(args.model))
-        history = fit(model, train.x, train.y, val.x, val.y, recipe, max_epochs=1000, patience=20, progress=False)
+        history = fit(model, train.x, train.y, val.x, val.y, recipe, max_epochs=args.max_epochs, patience=20, progress=False)
         result = evaluate(model, test.x, test.y)
         best_nlls.append(min(history.val_nll))
         test_errors.append(result.errors)

@@ -28,7 +28,8 @@ SCHEMA_VERSION = 2
 NLL_TOLERANCE = 1e-4  # evaluation on another machine or backend moves the NLL by ~1e-8; a wrong model by far more
 # sha256 of x (float32 N x 1 x 8 x 8) then y (int64) of the test splits a data record names: an export
 # claiming to be tested on one of these must carry exactly it, not a kinder selection.
-KNOWN_TEST_SPLITS = {"sklearn-digits": "f7f50014aed91fbb814f04cf042b95d28aa11ea36dbad1b3f3c09efb8b4a7a2d"}
+KNOWN_TEST_SPLITS = {name: "f7f50014aed91fbb814f04cf042b95d28aa11ea36dbad1b3f3c09efb8b4a7a2d"
+                     for name in ("sklearn-digits", "sklearn-digits+photos")}
 
 
 @cache

@@ -39,45 +39,61 @@ def write(path, x: np.ndarray, y: np.ndarray) -> bool:
     return True
 
 
-def read(data: bytes, spec: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
+def write_images(path, x: np.ndarray) -> None:
+    """Unlabelled pictures (the non-digit test set) in the same format: x only."""
+    np.savez_compressed(path, x=np.ascontiguousarray(x))
+
+
+def read(data: bytes, spec: dict, n: int, file_name: str = FILE_NAME) -> tuple[np.ndarray, np.ndarray]:
     """The split in `data` for a model with input `spec`, holding `n` images; TestSplitError otherwise."""
-    shape = (n, *spec["shape"][1:])
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            names = sorted(archive.namelist())
-            if names != ["x.npy", "y.npy"]:
-                raise TestSplitError(f"{FILE_NAME} must hold exactly x.npy and y.npy, not {', '.join(names[:4])}")
-            x = member(archive, "x.npy", np.dtype(spec["dtype"]), shape)
-            y = member(archive, "y.npy", np.dtype(np.int64), (n,))
-    except TestSplitError:
-        raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError) as err:
-        raise TestSplitError(f"{FILE_NAME} is not a readable .npz file: {str(err)[:200]}") from None
+    x, y = arrays(data, spec, n, file_name, labelled=True)
     if y.size and (y.min() < 0 or y.max() > 9):
-        raise TestSplitError(f"{FILE_NAME}: labels must lie in 0..9")
+        raise TestSplitError(f"{file_name}: labels must lie in 0..9")
     return x, y
 
 
-def member(archive: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple) -> np.ndarray:
+def read_images(data: bytes, spec: dict, n: int, file_name: str) -> np.ndarray:
+    """Unlabelled pictures written by write_images, checked as read() checks a split."""
+    return arrays(data, spec, n, file_name, labelled=False)[0]
+
+
+def arrays(data: bytes, spec: dict, n: int, file_name: str, labelled: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    shape = (n, *spec["shape"][1:])
+    expected = ["x.npy", "y.npy"] if labelled else ["x.npy"]
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            names = sorted(archive.namelist())
+            if names != expected:
+                raise TestSplitError(f"{file_name} must hold exactly {' and '.join(expected)}, not {', '.join(names[:4])}")
+            x = member(archive, "x.npy", np.dtype(spec["dtype"]), shape, file_name)
+            y = member(archive, "y.npy", np.dtype(np.int64), (n,), file_name) if labelled else None
+    except TestSplitError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError) as err:
+        raise TestSplitError(f"{file_name} is not a readable .npz file: {str(err)[:200]}") from None
+    return x, y
+
+
+def member(archive: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple, file_name: str) -> np.ndarray:
     info = archive.getinfo(name)
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-        raise TestSplitError(f"{FILE_NAME}: {name} must be stored or DEFLATE-compressed (np.savez_compressed); "
+        raise TestSplitError(f"{file_name}: {name} must be stored or DEFLATE-compressed (np.savez_compressed); "
                              "export the run again")
     needed = int(np.prod(shape)) * dtype.itemsize
     if needed > MAX_ARRAY_BYTES or info.file_size > needed + _NPY_HEADER_MAX:
-        raise TestSplitError(f"{FILE_NAME}: {name} declares {info.file_size} bytes; {list(shape)} {dtype} needs "
+        raise TestSplitError(f"{file_name}: {name} declares {info.file_size} bytes; {list(shape)} {dtype} needs "
                              f"{needed} (at most {MAX_ARRAY_BYTES} are read)")
     with archive.open(info) as stream:
         version = np.lib.format.read_magic(stream)
         read_header = {(1, 0): np.lib.format.read_array_header_1_0,
                        (2, 0): np.lib.format.read_array_header_2_0}.get(version)
         if read_header is None:
-            raise TestSplitError(f"{FILE_NAME}: {name} has .npy format version {version}")
+            raise TestSplitError(f"{file_name}: {name} has .npy format version {version}")
         found_shape, fortran, found_dtype = read_header(stream, max_header_size=_NPY_HEADER_MAX)
         if found_dtype != dtype or tuple(found_shape) != shape or fortran:
-            raise TestSplitError(f"{FILE_NAME}: {name} is {list(found_shape)} {found_dtype}, not the model's "
+            raise TestSplitError(f"{file_name}: {name} is {list(found_shape)} {found_dtype}, not the model's "
                                  f"{list(shape)} {dtype}")
         values = stream.read(needed)
         if len(values) != needed or stream.read(1):
-            raise TestSplitError(f"{FILE_NAME}: {name} does not hold exactly {list(shape)} {dtype}")
+            raise TestSplitError(f"{file_name}: {name} does not hold exactly {list(shape)} {dtype}")
     return np.frombuffer(bytearray(values), dtype).reshape(shape)  # writable, as np.load's arrays are

@@ -27,9 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     # multiprocess mode); it must be set before prometheus_client is first imported.
     metrics_dir = metrics_files.open_folder(config.workers + 1)
     try:
-        from serving import processes, server
+        from serving import server, sockets
         try:
-            processes.check_can_listen(config.host, config.port)
+            sockets.check_can_listen(config.host, config.port)
             litserver, service, http_processes = server.build(config)
         except StartupError as err:
             print(f"{PROG}: error: {err}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Inference backends over an exported artifact: ONNX Runtime (default) or TorchScript.
 
-Both take a batch in the manifest's input dtype (N x C x H x W), return log-probabilities N x 10 as
-float32 NumPy, and say where they run (`device`, `provider`). torch is imported only by the
+Both take a batch in the manifest's input dtype (N x C x H x W), return log-probabilities N x 10 and,
+where the artifact has one, its "not a digit" score N (else None), as float32 NumPy, and say where
+they run (`device`, `provider`). torch is imported only by the
 TorchScript backend. Whether a GPU is usable is decided here, from NVIDIA's management library
 (NVML, which creates no CUDA context, so the decision can be made before LitServe forks the HTTP
 processes), before any runtime is asked for CUDA: without a GPU nothing tries CUDA or logs about it.
@@ -74,8 +75,9 @@ class OnnxBackend:
         self.provider = self.session.get_providers()[0]
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: batch})[0]
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        outputs = self.session.run(None, {self.input_name: batch})
+        return outputs[0], outputs[1] if len(outputs) > 1 else None
 
 
 class TorchScriptBackend:
@@ -103,10 +105,13 @@ class TorchScriptBackend:
         except RuntimeError as err:
             raise BackendError(f"torch cannot load {file_name}: {str(err).splitlines()[0]}") from None
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         with self.torch.inference_mode():
             x = self.torch.from_numpy(batch).to(self.device, non_blocking=True)
-            return self.module(x).float().cpu().numpy()
+            outputs = self.module(x)
+            if isinstance(outputs, self.torch.Tensor):
+                return outputs.float().cpu().numpy(), None
+            return outputs[0].float().cpu().numpy(), outputs[1].float().cpu().numpy()
 
 
 BACKENDS = {"onnx": OnnxBackend, "torchscript": TorchScriptBackend}

@@ -35,7 +35,7 @@ BACKGROUND_SHARE = 0.1  # of the batcher's time, while requests arrive
 class Request:
     """One submitted request: its answers fill in as its parts come back."""
     future: asyncio.Future
-    log_probs: list
+    outputs: list
     parts_left: int
     batch_images: int = 0  # the largest inference call any of its parts shared
 
@@ -80,8 +80,8 @@ class DynamicBatcher:
 
     async def submit(self, items: list[tuple[inference.ServedModel, np.ndarray]],
                      background: bool = False) -> tuple[list[np.ndarray], int]:
-        """Queue one request's images; resolves to (log-probabilities per image, the most images an
-        inference call of it held)."""
+        """Queue one request's images; resolves to (per image: its log-probabilities and score, the
+        most images an inference call of it held)."""
         request = Request(asyncio.get_running_loop().create_future(), [None] * len(items), 0)
         queue, size = ((self.background, min(BACKGROUND_PART, self.max_batch_size)) if background
                        else (self.waiting, self.max_batch_size))
@@ -150,10 +150,10 @@ class DynamicBatcher:
             self.background_spent = (self.background_ended - started) * background / images
         for name, seconds in result.seconds.items():
             self.metrics.inference_seconds.labels(name).observe(seconds)
-        for part, log_probs in zip(batch, result.log_probs):
+        for part, outputs in zip(batch, result.outputs):
             request = part.request
-            request.log_probs[part.offset:part.offset + len(log_probs)] = log_probs
+            request.outputs[part.offset:part.offset + len(outputs)] = outputs
             request.batch_images = max(request.batch_images, result.images)
             request.parts_left -= 1
             if request.parts_left == 0 and not request.future.done():  # the client may have gone away
-                request.future.set_result((request.log_probs, request.batch_images))
+                request.future.set_result((request.outputs, request.batch_images))

@@ -14,7 +14,7 @@ stop that leaves no keep-alive client cut off mid-request.
 - A client that stops reading its answers holds its connection, and the answers, forever once the
   socket's buffers are full. Here a connection whose writing stays paused, or that cannot finish
   closing, for `send_timeout` seconds is aborted.
-- Admission control (serving/service.py) refuses inference requests beyond --max-queue. Through the
+- Admission control (serving/admission.py) refuses inference requests beyond --max-queue. Through the
   application each refusal cost nearly what an answer costs (routing, middleware, a task), so under
   overload refusing crowded out serving. Here a request that `door` refuses is answered by the
   protocol: no ASGI task is made, its body is read and dropped, and the same 503 + Retry-After is
@@ -31,24 +31,16 @@ REFUSAL_LINGER seconds.
 Used through uvicorn's own parameter for the protocol class (`http=`), which LitServe passes on.
 """
 import json
-from dataclasses import dataclass
 from typing import Protocol
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from serving.config import Config
+
 UVICORN_CHECKED = "0.54.0"  # pyproject admits 0.54.x
 SHUTDOWN_LINGER = 2.0  # seconds: time for a client's next request even on a loaded machine (1 s raced in CI)
 REFUSAL_LINGER = 2.0  # seconds a refused connection is drained before it is closed
-
-
-@dataclass(frozen=True)
-class Limits:
-    read_timeout: float
-    send_timeout: float
-    max_url_bytes: int
-    max_header_count: int
-    max_header_bytes: int
 
 
 class Refused(Exception):
@@ -75,8 +67,9 @@ class Door(Protocol):
         """The whole HTTP response of a refusal."""
 
 
-def guarded_protocol(limits: Limits, refused_counter, door: Door) -> type:
-    """The protocol class. `refused_counter`: a prometheus Counter labelled by reason."""
+def guarded_protocol(limits: Config, refused_counter, door: Door) -> type:
+    """The protocol class, with the server's limits (read_timeout, send_timeout, max_url_bytes,
+    max_header_count, max_header_bytes). `refused_counter`: a prometheus Counter labelled by reason."""
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         def connection_made(self, transport) -> None:

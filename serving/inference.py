@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from export_contract import calibration
 from serving.backends import BACKENDS, BackendError
 from serving.registry import ModelEntry
 
@@ -28,10 +29,11 @@ class ServedModel:
     """Everything a version serves is held here, as read and checked: its folder may be replaced by the
     next version (or a rejected one) while this one still answers."""
     entry: ModelEntry              # name, manifest
-    runner: object                 # a backends.BACKENDS instance: batch in, log-probabilities out
+    runner: object                 # a backends.BACKENDS instance: batch in, log-probabilities (and scores) out
     verified: dict                 # {"reproduced": True, errors, nll, n} or {"reproduced": None, "reason": ...}
-    curves: bytes                  # curves.png
+    files: dict[str, bytes]        # "curves" (curves.png) and, if calibrated, "reliability" (its diagram)
     test_split: tuple[np.ndarray, np.ndarray] | None  # the embedded one (none: read from --data-dir)
+    nondigits: np.ndarray | None = None  # the non-digit test pictures its calibration record was measured on
 
     @property
     def name(self) -> str:
@@ -44,6 +46,11 @@ class ServedModel:
     @property
     def version(self) -> str:
         return self.entry.manifest["version"]
+
+    @property
+    def calibration(self) -> dict:
+        """The manifest's calibration record, or what an export made before it existed is answered with."""
+        return self.entry.manifest.get("calibration", calibration.UNCALIBRATED)
 
 
 def load_runner(entry: ModelEntry, backend: str, device: str, warm: bool = True):
@@ -64,16 +71,18 @@ def load_runner(entry: ModelEntry, backend: str, device: str, warm: bool = True)
     return runner
 
 
-def run_all(runner, x: np.ndarray) -> np.ndarray:
-    """Log-probabilities of a whole test split, in backend calls of EVALUATION_BATCH images."""
-    return np.concatenate([runner(x[i:i + EVALUATION_BATCH]) for i in range(0, len(x), EVALUATION_BATCH)])
+def run_all(runner, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Log-probabilities (and scores, or None) of a whole split, in backend calls of EVALUATION_BATCH images."""
+    parts = [runner(x[i:i + EVALUATION_BATCH]) for i in range(0, len(x), EVALUATION_BATCH)]
+    scores = None if parts[0][1] is None else np.concatenate([score for _, score in parts])
+    return np.concatenate([log_probs for log_probs, _ in parts]), scores
 
 
 @dataclass
 class BatchResult:
-    log_probs: list[list[np.ndarray]]   # per request, per item: log-probabilities (10,)
-    images: int                         # images in the batch, all models together
-    seconds: dict[str, float]           # model name -> time in its backend call
+    outputs: list[list[tuple]]   # per request, per item: (log-probabilities (10,), score or None)
+    images: int                  # images in the batch, all models together
+    seconds: dict[str, float]    # model name -> time in its backend call
 
 
 def predict(requests: list[list[tuple[ServedModel, np.ndarray]]]) -> BatchResult:
@@ -82,12 +91,12 @@ def predict(requests: list[list[tuple[ServedModel, np.ndarray]]]) -> BatchResult
     for r, items in enumerate(requests):
         for i, (model, array) in enumerate(items):
             by_model[model].append((r, i, array))
-    log_probs = [[None] * len(items) for items in requests]
+    outputs = [[None] * len(items) for items in requests]
     seconds = {}
     for model, entries in by_model.items():
         started = time.perf_counter()
-        result = model.runner(np.stack([array for _, _, array in entries]))
+        log_probs, scores = model.runner(np.stack([array for _, _, array in entries]))
         seconds[model.name] = seconds.get(model.name, 0.0) + time.perf_counter() - started
-        for (r, i, _), row in zip(entries, result):
-            log_probs[r][i] = row
-    return BatchResult(log_probs, sum(len(items) for items in requests), seconds)
+        for k, (r, i, _) in enumerate(entries):
+            outputs[r][i] = (log_probs[k], None if scores is None else float(scores[k]))
+    return BatchResult(outputs, sum(len(items) for items in requests), seconds)

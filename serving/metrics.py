@@ -18,6 +18,7 @@ OTHER = "other"
 METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CONFIDENCE_BUCKETS = (0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
 
 
 class Metrics:
@@ -42,6 +43,11 @@ class Metrics:
         self.inference_seconds = Histogram("digitserve_inference_duration_seconds",
                                            "Time of one backend call, per model and batch.", ["model"],
                                            buckets=LATENCY_BUCKETS, registry=r)
+        self.answers = Counter("digitserve_answers", "Answers by decision (digit, unsure, not_a_digit), per model and "
+                               "version: the share of each, over time, is a drift signal.",
+                               ["model", "version", "decision"], registry=r)
+        self.confidence = Histogram("digitserve_answer_confidence", "Calibrated confidence of each answer, per model.",
+                                    ["model"], buckets=CONFIDENCE_BUCKETS, registry=r)
         self.queue_images = Gauge("digitserve_queue_images", "Images waiting in the batcher queues now.",
                                   multiprocess_mode="livesum", registry=r)
         self.refused = Counter("digitserve_http_refused", "Requests the HTTP protocol answered itself, by reason: "

@@ -91,13 +91,21 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
+def files_served(manifest: dict, backend: str) -> list[tuple[dict, str]]:
+    """Every file the server reads from an export, with its kind (export_contract.reader.MAX_BYTES)."""
+    calibration = manifest.get("calibration", {})
+    optional = [(manifest.get("test_set"), "test_set"), (manifest.get("extra_test_set"), "test_set"),
+                (calibration.get("nondigits"), "test_set"), (calibration.get("reliability"), "curves")]
+    return [(manifest["artifacts"][backend], "artifact"), (manifest["curves"], "curves"),
+            *((item, kind) for item, kind in optional if item is not None)]
+
+
 def check_export(folder: Path, backend: str) -> ModelEntry:
     """Validate one export folder's manifest and read every file the service will use from it."""
     entry = ModelEntry(name=display_name(folder), folder=folder)
     try:
         entry.manifest = read_manifest(folder)
-        for item, kind in [(entry.manifest["artifacts"][backend], "artifact"), (entry.manifest["curves"], "curves"),
-                           *([(entry.manifest["test_set"], "test_set")] if "test_set" in entry.manifest else [])]:
+        for item, kind in files_served(entry.manifest, backend):
             entry.contents[item["file"]] = read_checked(folder, item, kind)
     except FolderError as err:
         entry.error = str(err)

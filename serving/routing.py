@@ -4,7 +4,9 @@ A model is found by what its manifest says it takes (`input`: grey or colour, he
 by the name of its dataset, so a model of a new shape is served with no change here, and takes over
 nothing but inputs of its own shape. Among models that take the same input, the default is the one
 with the lowest validation NLL at its best epoch (ties: by name); the others answer when named
-(`model=`). Each answer says why its model answered (`Routed.reason`).
+(`model=`). Each answer says why its model answered (`Routed.reason`). A resize=true upload of
+another size goes to a model trained on photos and drawings (`input.resized`) where one takes
+that input.
 
 An upload of a served size goes to the model of that size (grey or colour by the image, where both
 are served). With resize=true, another size goes to a colour model if the image has colour and one is
@@ -44,12 +46,18 @@ class Catalog:
     unavailable: dict[str, str] = field(default_factory=dict)   # name -> why it is not served
     defaults: dict[InputKey, str] = field(default_factory=dict)  # input -> the model answering it unless one is named
 
+    resized: dict[InputKey, str] = field(default_factory=dict)   # input -> the model answering resize=true uploads
+
     @classmethod
     def of(cls, served: dict[str, ServedModel], unavailable: dict[str, str]) -> "Catalog":
-        defaults = {}
+        defaults, resized = {}, {}
         for name in sorted(served, key=lambda n: (validation_nll(served[n]), n)):
-            defaults.setdefault(input_key(served[name].manifest["input"]), name)
-        return cls(dict(sorted(served.items())), dict(sorted(unavailable.items())), dict(sorted(defaults.items())))
+            key = input_key(served[name].manifest["input"])
+            defaults.setdefault(key, name)
+            if served[name].manifest["input"].get("resized"):
+                resized.setdefault(key, name)
+        return cls(dict(sorted(served.items())), dict(sorted(unavailable.items())), dict(sorted(defaults.items())),
+                   {key: resized.get(key, name) for key, name in sorted(defaults.items())})
 
     @property
     def names(self) -> list[str]:
@@ -93,7 +101,7 @@ def route_image(catalog: Catalog, image, model: str | None, invert: bool | None,
     if model is None and resize and served.manifest["input"]["color"] == COLOUR and images.looks_grey(decoded):
         grey = default_of_colour(catalog, GREY)
         if grey is not None and (height, width) != images.spec_size(served.manifest["input"]):
-            served, reason = grey, "resize=true: the image has no colour, and a grey model is served"
+            served, reason = grey, f"resize=true: the image has no colour, and a grey model is served{for_photos(grey)}"
     spec = served.manifest["input"]
     pixels = images.to_gray_or_rgb(decoded, spec["color"])
     if pixels.shape[:2] == images.spec_size(spec):
@@ -110,17 +118,23 @@ def by_header(catalog: Catalog, image, resize: bool) -> tuple[ServedModel, str]:
         return catalog.served[catalog.defaults[key]], f"the default model for {described(key)} images"
     if resize and catalog.defaults:
         if not grey and (colour := default_of_colour(catalog, COLOUR)) is not None:
-            return colour, "resize=true: the image has colour, and a colour model is served"
+            return colour, f"resize=true: the image has colour, and a colour model is served{for_photos(colour)}"
         served = default_of_colour(catalog, GREY) or default_of_colour(catalog, COLOUR)
-        return served, f"resize=true: the default model for {described(input_key(served.manifest['input']))} images"
+        return served, (f"resize=true: the default model for {described(input_key(served.manifest['input']))} "
+                        f"images{for_photos(served)}")
     raise InputError(f"image is {width}x{height}; the served models take {catalog.accepted()} images (or pass "
                      "resize=true)", 422)
 
 
 def default_of_colour(catalog: Catalog, colour: str) -> ServedModel | None:
-    """The default model of the largest input of that colour, if one is served."""
-    keys = sorted((key for key in catalog.defaults if key[0] == colour), key=lambda k: (-k[1] * k[2], k))
-    return catalog.served[catalog.defaults[keys[0]]] if keys else None
+    """The model answering resize=true uploads for the largest input of that colour, if one is served:
+    one trained on photos and drawings where there is one (`input.resized` in its manifest)."""
+    keys = sorted((key for key in catalog.resized if key[0] == colour), key=lambda k: (-k[1] * k[2], k))
+    return catalog.served[catalog.resized[keys[0]]] if keys else None
+
+
+def for_photos(served: ServedModel) -> str:
+    return ", a model trained on photos and drawings" if served.manifest["input"].get("resized") else ""
 
 
 def route_pixels(catalog: Catalog, value: object, model: str | None, invert: bool | None) -> Routed:

@@ -1,16 +1,22 @@
 """Request and response bodies: the Pydantic models behind validation and the OpenAPI document."""
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class PredictJSON(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # an unknown option is a mistake to say, not to ignore
+
     model: str | None = Field(None, description="model name; default: routed by image size")
     invert: bool | None = Field(None, description="the image is dark ink on a light background (default: detected "
                                                   "with resize, else false)")
     resize: bool | None = Field(None, description="other sizes: find the digit, centre it and downsample it as the "
                                             "training data was (digits); centre-crop a colour photo (SVHN)")
     model_input: bool | None = Field(None, description="also answer what the model saw, for uploaded images")
+    raw: bool | None = Field(None, description="the model's own probabilities instead of the calibrated ones (the "
+                                              "confidence, decision and candidates stay calibrated)")
+    unsure_below: float | None = Field(None, ge=0, le=1, description="confidence below which the decision is "
+                                       "'unsure' (default: the model's own, chosen on validation)")
     images: list[str] = Field(default_factory=list, description="base64 (or data-URL) encoded image files")
     pixels: list[Any] = Field(default_factory=list,
                               description="raw arrays: 8x8 on 0..16 (digits) or 32x32x3 on 0..255 (SVHN, RGB)")
@@ -22,8 +28,14 @@ class Prediction(BaseModel):
     version: str
     routed: str = Field(description="why this model answered: named in the request, the default for the input's "
                                     "size and colour, or resize=true's choice")
-    label: int
-    probabilities: list[float] = Field(description="one per class 0..9")
+    label: int = Field(description="the most likely digit")
+    confidence: float = Field(description="the calibrated probability of `label`")
+    decision: str = Field(description="digit: trust the label; unsure: the confidence is below the model's threshold "
+                                      "(chosen on validation for 99.5 % accuracy of what is answered), see candidates; "
+                                      "not_a_digit: the picture is unlike the digits the model learnt")
+    candidates: list[int] = Field(description="the conformal candidate set, most likely first: it holds the true digit "
+                                              "with the model's conformal level (99 %) of probability")
+    probabilities: list[float] = Field(description="one per class 0..9, calibrated (raw=true: the model's own)")
     batch_size: int = Field(description="images in the inference call this one shared")
     model_input: list[Any] | None = Field(None, description="uploaded images, when asked (model_input=true): what "
                                           "the model saw, in the form of a pixels[] entry (8x8 on 0..16 or 32x32x3 on 0..255)")
@@ -79,6 +91,9 @@ class ModelSummary(BaseModel):
                                   "reason it could not be run")
     best_epoch: int | None = Field(None, description="the epoch whose weights were kept, counted from 1")
     epochs_run: int | None = None
+    calibration: dict | None = Field(None, description="how its answers are calibrated (temperature, thresholds, "
+                                     "test figures before and after, a link to its reliability diagram), or a note that "
+                                     "it is not")
     rejected: ModelEvent | None = Field(None, description="the newest version found, when it was not served: when "
                                           "and why (the version above keeps answering)")
 
@@ -94,7 +109,10 @@ class EvaluateResponse(BaseModel):
     backend: str
     served: TestMetrics
     manifest: TestMetrics
-    agrees: bool = Field(description="same error count and NLL within 1e-4 of the manifest's")
+    calibration: dict | None = Field(None, description="the calibration record's test figures served and recorded, "
+                                     "and where they differ")
+    agrees: bool = Field(description="same error count and NLL within 1e-4 of the manifest's (and the calibration "
+                                     "figures too)")
     seconds: float
 
 

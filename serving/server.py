@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from serving import api
 from serving.config import Config
-from serving.connections import Limits, guarded_protocol
+from serving.connections import guarded_protocol
 from serving.metrics import RequestMetrics
 from serving.processes import HttpProcesses, die_with_parent
 from serving.service import Service
@@ -102,12 +102,10 @@ def run(server: ls.LitServer, service: Service, processes: HttpProcesses) -> int
     """Serve until SIGTERM or SIGINT (exit status 0) or an HTTP process dies (1), then drain."""
     config = service.config
     processes.supervise(config.port, config.max_connections)
-    limits = Limits(config.read_timeout, config.send_timeout, config.max_url_bytes, config.max_header_count,
-                    config.max_header_bytes)
     try:
         # The keyword arguments after LitServe's own go to uvicorn: our protocol, and its connection cap.
         server.run(host=config.host, port=config.port, num_api_servers=config.workers, generate_client_file=False,
-                   log_level="warning", http=guarded_protocol(limits, service.metrics.refused, service.admission),
+                   log_level="warning", http=guarded_protocol(config, service.metrics.refused, service.admission),
                    limit_concurrency=config.max_connections)
     except KeyboardInterrupt:
         pass  # a stop that arrived while LitServe was already draining

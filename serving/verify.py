@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 import export_contract as contract
-from export_contract import svhn_mat, test_split
+from export_contract import calibration, svhn_mat, test_split
 from serving import registry
 from serving.config import Config
 from serving.errors import InputError
@@ -28,7 +28,7 @@ log = logging.getLogger("digitserve")
 
 class Rejected(Exception):
     """A version that is not served: why (`reason`, for people) and at which step (`step`, a metric label:
-    export, load, test_split, metrics, unverified, unexpected)."""
+    export, load, test_split, metrics, calibration, unverified, unexpected)."""
 
     def __init__(self, version: str | None, reason: str, step: str):
         super().__init__(reason)
@@ -44,9 +44,12 @@ def build(folder: Path, config: Config, device: str, previous: ServedModel | Non
         if not entry.available:
             raise Rejected(version, entry.error, "export")
         try:  # before loading: a split that is not what it claims costs nothing to refuse
-            curves, split = entry.content(entry.manifest["curves"]), embedded(entry)
+            split, nondigits = embedded(entry), embedded_nondigits(entry)
         except test_split.TestSplitError as err:
             raise Rejected(version, str(err), "export") from None
+        files = {key: entry.content(item) for key, item in (("curves", entry.manifest["curves"]),
+                                                             ("reliability", entry.manifest.get("calibration", {}).get("reliability")))
+                 if item is not None}
         try:
             runner = load_runner(entry, config.backend, device)
         except LoadError as err:
@@ -56,21 +59,71 @@ def build(folder: Path, config: Config, device: str, previous: ServedModel | Non
             if previous is not None and previous.verified["reproduced"]:
                 raise Rejected(version, f"it cannot be verified here and would replace a verified version: {reason}",
                                "unverified")
-            return ServedModel(entry, runner, {"reproduced": None, "reason": reason}, curves, None)
+            return ServedModel(entry, runner, {"reproduced": None, "reason": reason}, files, None, nondigits)
         try:
             x, y = split if split is not None else from_data_dir(entry, config.data_dir)
         except InputError as err:
             raise Rejected(version, err.message, "test_split") from None
-        measured = contract.Figures.of(run_all(runner, x), y)
+        log_probs, scores = run_all(runner, x)
+        measured = contract.Figures.of(log_probs, y)
         claimed = contract.Figures.recorded(entry.manifest["metrics"]["test"])
         if not measured.reproduces(claimed):
             raise Rejected(version, f"on its {measured.n} test images the {config.backend} artifact makes "
                                     f"{measured.errors} errors with NLL {measured.nll:.6f}; its manifest claims "
                                     f"{claimed.errors} of {claimed.n} and {claimed.nll:.6f}", "metrics")
+        check_calibration(entry, runner, log_probs, scores, y, nondigits, version)
+        check_extra_test_set(entry, runner, version)
         verified = {"reproduced": True, "errors": measured.errors, "nll": measured.nll, "n": measured.n}
-        return ServedModel(entry, runner, verified, curves, split)
+        return ServedModel(entry, runner, verified, files, split, nondigits)
     finally:
         entry.contents.clear()  # the artifact's bytes: the runner holds the model now
+
+
+def calibration_figures(manifest: dict, runner, log_probs: np.ndarray, scores: np.ndarray | None, labels: np.ndarray,
+                        nondigits: np.ndarray | None) -> dict:
+    """The calibration record's test figures, measured through `runner` (the served backend)."""
+    record = manifest["calibration"]
+    nondigit_outputs = run_all(runner, nondigits) if nondigits is not None else (None, None)
+    return calibration.figures(log_probs, scores, labels, record, *nondigit_outputs)
+
+
+def check_calibration(entry: ModelEntry, runner, log_probs: np.ndarray, scores: np.ndarray | None,
+                      labels: np.ndarray, nondigits: np.ndarray | None, version: str) -> None:
+    """Raise Rejected where the calibration record's test figures are not what the artifact gives."""
+    record = entry.manifest.get("calibration")
+    if record is None:
+        return  # exported before calibration existed: answered uncalibrated, and /models says so
+    if "not_a_digit" in record and scores is None:
+        raise Rejected(version, "its manifest has a not-a-digit threshold, but its artifact gives no score", "calibration")
+    differences = calibration.reproduces(calibration_figures(entry.manifest, runner, log_probs, scores, labels,
+                                                             nondigits), record["test"])
+    if differences:
+        raise Rejected(version, "its calibration figures are not the artifact's: " + "; ".join(differences[:4]),
+                       "calibration")
+
+
+def check_extra_test_set(entry: ModelEntry, runner, version: str) -> None:
+    """Raise Rejected where a second test set's recorded figures are not what the artifact gives."""
+    item = entry.manifest.get("extra_test_set")
+    if item is None:
+        return
+    try:
+        x, y = test_split.read(entry.content(item), entry.manifest["input"], item["n"], item["file"])
+    except test_split.TestSplitError as err:
+        raise Rejected(version, str(err), "export") from None
+    measured, claimed = contract.Figures.of(run_all(runner, x)[0], y), contract.Figures.recorded(item["metrics"])
+    if not measured.reproduces(claimed):
+        raise Rejected(version, f"on its {measured.n} extra test images the artifact makes {measured.errors} errors "
+                                f"with NLL {measured.nll:.6f}; its manifest claims {claimed.errors} and "
+                                f"{claimed.nll:.6f}", "metrics")
+
+
+def embedded_nondigits(entry: ModelEntry) -> np.ndarray | None:
+    """The non-digit test pictures the export carries (as read and checked with it), or None."""
+    item = entry.manifest.get("calibration", {}).get("nondigits")
+    if item is None:
+        return None
+    return test_split.read_images(entry.content(item), entry.manifest["input"], item["n"], item["file"])
 
 
 def mat_reader_problem() -> str | None:

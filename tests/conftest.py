@@ -1,3 +1,7 @@
+"""Shared by every test: the reproducible-mode pins (before anything imports torch), `python -m ...`
+from the checkout (the `cli` fixture), the container tests skipped unless -m selects them, and a
+retrained digits-mlp export (`retrained`). Helpers: tests/helpers.py, and bench/harness.py for what the
+benchmarks share."""
 import os
 import subprocess
 import sys

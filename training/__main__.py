@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from export_contract import name_error
-from training import reproducible, svhn
+from training import digits_synth, reproducible, svhn
 from export_contract.publish import PublishError
 from training.errors import DataError, ExportError, UsageError
 from training.recipes import DIGITS_ARCHS
@@ -98,10 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=list(DIGITS_ARCHS), help="architecture to train")
     p.add_argument("--all", action="store_true", help="train every arch plus a k-NN baseline; write a comparison table")
     p.add_argument("--seed", type=int, default=0, help="seeds the initialisation and the batch order")
-    p.add_argument("--max-epochs", type=positive_int, default=1000, help="a cap: early stopping ends runs long before")
-    p.add_argument("--patience", type=positive_int, default=20, help="epochs without val NLL improvement before stopping")
+    p.add_argument("--max-epochs", type=positive_int, help="a cap: early stopping ends runs long before (default: "
+                   "1000; photo-cnn 60)")
+    p.add_argument("--patience", type=positive_int, help="epochs without val NLL improvement before stopping (default: "
+                   "20; photo-cnn 8)")
     p.add_argument("--device", type=device_name, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder that receives one folder per run")
+    p.add_argument("--synth-dir", type=Path, default=Path("data/digits-synth"),
+                   help="generated photos and drawings for photo-cnn (python -m training digits-synth; made there with "
+                        "its defaults if missing)")
+    p.add_argument("--jobs", type=positive_int, default=max(1, len(os.sched_getaffinity(0))),
+                   help="processes drawing the pictures when photo-cnn's are made (this machine's cores)")
     add_publish_flags(p, "each run's export")
     add_reproducible_flag(p, default=None)
 
@@ -132,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=positive_int, default=max(1, len(os.sched_getaffinity(0))),
                    help="processes drawing the crops (default: this machine's cores); the files do not depend on it")
 
+    p = commands.add_parser("digits-synth", help="write generated photos and drawings of digits, read as resize=true "
+                                                 "reads uploads (for the photo-cnn arch)")
+    p.add_argument("--out", type=Path, default=Path("data/digits-synth"), help="folder for train.npz, val.npz, test.npz")
+    for split, count in digits_synth.DEFAULT_COUNTS.items():
+        p.add_argument(f"--{split}", type=positive_int, default=count,
+                       help="non-digit pictures, for outlier exposure" if split == "outliers"
+                       else f"pictures in the {split} split")
+    p.add_argument("--seed", type=int, default=0, help="the same seed writes the same files")
+    p.add_argument("--jobs", type=positive_int, default=max(1, len(os.sched_getaffinity(0))),
+                   help="processes drawing the pictures (this machine's cores); the files do not depend on it")
+
     p = commands.add_parser("export", help="export a run's best checkpoint to TorchScript + ONNX with a manifest")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder that python -m training wrote (runs/...)")
     p.add_argument("--name", help="export name (default TASK-ARCH, e.g. digits-cnn)")
@@ -146,7 +164,7 @@ def check_before_torch(args) -> None:
         raise UsageError("choose --arch {" + ",".join(DIGITS_ARCHS) + "} or --all")
     if args.command == "svhn":
         svhn.check_val_fraction(args.val_fraction)
-    if args.command in ("digits", "svhn", "svhn-synth"):
+    if args.command in ("digits", "svhn", "svhn-synth", "digits-synth"):
         check_writable(args.out)
     if getattr(args, "export_to", None) is not None:
         check_writable(args.export_to)

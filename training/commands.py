@@ -4,12 +4,12 @@ from pathlib import Path
 
 import torch
 
-from training import digits, svhn, synthetic
+from training import digits_synth, svhn, synthetic
 from export_contract.publish import publish
-from training.export import default_name, export_model, load_run
+from training.export import Splits, default_name, export_model, load_run
 from training.recipes import DIGITS_ARCHS
 from training.runs import check_writable
-from training.train import comparison_table, knn_baseline, resolve_device, train_digits, train_svhn
+from training.train import comparison_table, digits_data, knn_baseline, resolve_device, train_digits, train_svhn
 
 
 def digits_command(args) -> None:
@@ -17,8 +17,10 @@ def digits_command(args) -> None:
     archs = list(DIGITS_ARCHS) if args.all else [args.arch]
     rows = []
     for arch in archs:
-        run_dir, metrics = train_digits(arch, args.seed, args.max_epochs, args.patience, device, args.out,
-                                        reproducible_mode=args.reproducible)
+        spec = DIGITS_ARCHS[arch]
+        run_dir, metrics = train_digits(arch, args.seed, args.max_epochs or spec.max_epochs,
+                                        args.patience or spec.patience, device, args.out,
+                                        reproducible_mode=args.reproducible, synth_dir=args.synth_dir, jobs=args.jobs)
         test = metrics["test"]
         print(f"{arch}: test NLL {test['nll']:.4f}, error {test['error']:.4f} ({test['errors']}/{test['n']}), "
               f"best epoch {metrics['best_epoch'] + 1} of {metrics['epochs_run']}, {metrics['wall_seconds']:.1f} s -> {run_dir}")
@@ -47,6 +49,13 @@ def svhn_command(args) -> None:
         print(f"  published {publish(export, args.export_to, args.replace)}")
 
 
+def digits_synth_command(args) -> None:
+    record = digits_synth.write(args.out, {split: getattr(args, split) for split in digits_synth.DEFAULT_COUNTS},
+                                args.seed, args.jobs)
+    counts = ", ".join(f"{item['n']:,} {split}" for split, item in record["files"].items())
+    print(f"wrote {counts} pictures to {args.out}")
+
+
 def svhn_synth_command(args) -> None:
     synthetic.write_synthetic(args.out, args.train, args.test, args.seed, args.jobs)
     print(f"wrote {args.train} + {args.test} synthetic crops to {args.out} (official .mat layout)")
@@ -56,14 +65,21 @@ def export_command(args) -> None:
     run, model = load_run(args.run_dir)
     check_writable(args.to)
     if run["task"] == "digits":
-        test = digits.load_split("test")
-        test_x, test_y, input_spec = test.x, test.y, digits.INPUT_SPEC
+        synth_dir = run["config"].get("synth_dir")
+        data, _, input_spec, _ = digits_data(synth_dir is not None, "cpu", Path(synth_dir or "."))
     else:
-        arrays = svhn.load_split(Path(run["config"]["data_dir"]), "test", verify_md5=run["config"]["verify_md5"])
-        test_x, test_y, input_spec = torch.from_numpy(arrays.x), torch.from_numpy(arrays.y), svhn.INPUT_SPEC
-    folder = export_model(model, run, args.run_dir, input_spec, test_x, test_y, args.name or default_name(run), args.to,
+        config = run["config"]
+        train_all = svhn.load_split(Path(config["data_dir"]), "train", verify_md5=config["verify_md5"])
+        test = svhn.load_split(Path(config["data_dir"]), "test", verify_md5=config["verify_md5"])
+        train_idx, val_idx = svhn.stratified_split(train_all.y, config["val_fraction"], run["seed"])
+        data = Splits(*((torch.from_numpy(x), torch.from_numpy(y)) for x, y in (
+            (train_all.x[train_idx], train_all.y[train_idx]), (train_all.x[val_idx], train_all.y[val_idx]),
+            (test.x, test.y))))
+        input_spec = svhn.INPUT_SPEC
+    folder = export_model(model, run, args.run_dir, input_spec, data, args.name or default_name(run), args.to,
                           args.replace)
     print(f"exported {folder}")
 
 
-COMMANDS = {"digits": digits_command, "svhn": svhn_command, "svhn-synth": svhn_synth_command, "export": export_command}
+COMMANDS = {"digits": digits_command, "svhn": svhn_command, "svhn-synth": svhn_synth_command,
+            "digits-synth": digits_synth_command, "export": export_command}

@@ -1,9 +1,10 @@
-"""scikit-learn's 8x8 digits with the original notebook's fixed split."""
+"""scikit-learn's 8x8 digits with the original notebook's fixed split. torch and scikit-learn load
+when a split is: the command line reads INPUT_SPEC before torch may be imported."""
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from sklearn.datasets import load_digits
 
 # The original split, by position and without shuffling: the last 447 digits are the test set.
 SPLITS = {"train": slice(0, 1000), "val": slice(1000, 1350), "test": slice(1350, 1797)}
@@ -21,6 +22,7 @@ class Split:
 
 def split_arrays(name: str) -> tuple[np.ndarray, np.ndarray]:
     """One split as numpy arrays: images N x 8 x 8 float32 on 0..16, labels N int64."""
+    from sklearn.datasets import load_digits
     digits = load_digits()
     part = SPLITS[name]
     return digits.images[part].astype(np.float32), digits.target[part].astype(np.int64)
@@ -28,6 +30,7 @@ def split_arrays(name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def load_split(name: str, device: torch.device | str = "cpu") -> Split:
     """One split as tensors resident on `device` (the whole set is a few hundred KB)."""
+    import torch
     images, labels = split_arrays(name)
     return Split(torch.from_numpy(images).unsqueeze(1).to(device), torch.from_numpy(labels).to(device))
 

@@ -124,8 +124,10 @@ def rank_and_world() -> tuple[int, int]:
 def fit(model: torch.nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
         val_x: torch.Tensor, val_y: torch.Tensor, recipe: Recipe, *,
         max_epochs: int, patience: int, progress: bool = True, desc: str = "train",
-        bf16: bool = False, channels_last: bool = False, compile: bool = False) -> History:
+        bf16: bool = False, channels_last: bool = False, compile: bool = False,
+        outliers: torch.Tensor | None = None) -> History:
     """Train until validation NLL stops improving, then restore the best epoch's weights.
+    `outliers`: non-digit pictures for the recipe's outlier exposure.
 
     Under torchrun every rank trains on its shard of each batch (DistributedDataParallel averages
     the gradients); rank 0 alone evaluates and broadcasts the validation figures, so every rank
@@ -156,13 +158,19 @@ def fit(model: torch.nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
         for start in range(0, len(order), recipe.batch_size):
             batch = order[start:start + recipe.batch_size][rank::world]
             x, y = train_x[batch], train_y[batch]
+            exposed = recipe.outlier_weight > 0 and outliers is not None
+            if exposed:
+                x = torch.cat([x, outliers[torch.randint(len(outliers), (max(1, len(batch) // 4),), device=device)]])
             if recipe.augments():
                 x = augment_batch(x, recipe)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             # bf16 autocast: tensor-core matmuls at full fp32 range, so no loss scaling is needed
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = smoothed_nll(forward(x).float(), y, recipe.label_smoothing)
+                log_probs = forward(x).float()
+            loss = smoothed_nll(log_probs[:len(y)], y, recipe.label_smoothing)
+            if exposed:  # cross-entropy to uniform probabilities
+                loss = loss - recipe.outlier_weight * log_probs[len(y):].mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

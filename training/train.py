@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 
 from export_contract import sha256
-from training import digits, reproducible, svhn
+from training import digits, digits_synth, reproducible, svhn
 from training.errors import UsageError
-from training.export import default_name, export_model
+from training.export import Splits, default_name, export_model
 from training.loop import evaluate, fit
 from training.recipes import DIGITS_ARCHS, SVHN_ARCHS
 from export_contract.publish import atomic_folder
@@ -33,8 +33,8 @@ def resolve_device(name: str) -> torch.device:
         raise UsageError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
 
 
-def write_run(metrics: dict, model: torch.nn.Module, history, test_x: torch.Tensor, test_y: torch.Tensor,
-              input_spec: dict, out: Path, splits: dict | None = None, name: str | None = None) -> Path:
+def write_run(metrics: dict, model: torch.nn.Module, history, data: Splits, input_spec: dict, out: Path,
+              splits: dict | None = None, name: str | None = None) -> Path:
     """The run folder, atomically: checkpoint, metrics.json, curves, export/NAME/ (servable; NAME
     from training.export.default_name unless given)."""
     task, arch, seed = metrics["task"], metrics["arch"], metrics["seed"]
@@ -49,8 +49,7 @@ def write_run(metrics: dict, model: torch.nn.Module, history, test_x: torch.Tens
             np.savez(staging / "splits.npz", **splits)
         plot_curves(staging / "curves", history.val_nll, history.val_error, test["nll"], test["error"],
                     f"{task} {arch} (seed {seed}): best epoch {history.best_epoch + 1} of {history.epochs_run}")
-        export_model(model, metrics, final, input_spec, test_x, test_y, name or default_name(metrics),
-                     staging / "export")
+        export_model(model, metrics, final, input_spec, data, name or default_name(metrics), staging / "export")
     return final
 
 
@@ -66,28 +65,53 @@ def run_metrics(task: str, arch: str, summary: str, data: dict, seed: int, confi
     }
 
 
+UCI_TRAIN_REPEATS = 4  # the UCI training split's weight beside the generated pictures (training/recipes.py)
+
+
+def digits_data(photos: bool, device: torch.device | str, synth_dir: Path, jobs: int = 1) -> tuple[Splits, dict, dict, dict]:
+    """The splits a digits arch is trained, chosen, tested and calibrated on, what to record of them in
+    its manifest (data record, input spec, config): the UCI digits, and for an arch trained on photos
+    too, the generated pictures in `synth_dir` (made there, in `jobs` processes, if missing)."""
+    data = Splits(*((split.x, split.y) for split in (digits.load_split(name, device) for name in ("train", "val", "test"))))
+    if not photos:
+        return data, digits.DATA, digits.INPUT_SPEC, {}
+    made = digits_synth.ensure(synth_dir, jobs)
+    generated = {split: tuple(torch.from_numpy(a).to(device) for a in digits_synth.load(synth_dir, split))
+                 for split in (*digits_synth.SPLITS, "outliers")}
+
+    def joined(ours: tuple, theirs: tuple, repeats: int) -> tuple:  # ours repeated: how much it weighs
+        return tuple(torch.cat([mine.repeat(repeats, *[1] * (mine.dim() - 1)), other]) for mine, other in zip(ours, theirs))
+    val_repeats = max(1, round(len(generated["val"][1]) / len(data.val[1])))
+    data = Splits(joined(data.train, generated["train"], UCI_TRAIN_REPEATS), joined(data.val, generated["val"], val_repeats),
+                  data.test, extra=("generated photos and drawings", *generated["test"]), outliers=generated["outliers"][0])
+    return (data, digits_synth.data_record(made), {**digits.INPUT_SPEC, "resized": True},
+            {"synth_dir": str(synth_dir.resolve()), "uci_train_repeats": UCI_TRAIN_REPEATS, "uci_val_repeats": val_repeats})
+
+
 def train_digits(arch: str, seed: int, max_epochs: int, patience: int, device: torch.device, out: Path,
-                 progress: bool = True, reproducible_mode: bool | None = None) -> tuple[Path, dict]:
+                 progress: bool = True, reproducible_mode: bool | None = None,
+                 synth_dir: Path = Path("data/digits-synth"), jobs: int = 1) -> tuple[Path, dict]:
     """Train one digits model, evaluate it on test, export it, and write its run folder atomically.
 
     `reproducible_mode`: True requires the pins (training.reproducible.pin_before_torch() before
     torch was imported, a CPU with AVX2), which make the weights the same on any x86_64 machine with
-    AVX2; None (the default) pins where possible and notes why not; False does not pin.
+    AVX2; None (the default) pins where possible and notes why not; False does not pin. An arch
+    trained on photos too takes them from `synth_dir` (made there, in `jobs` processes, if missing).
     """
     spec = DIGITS_ARCHS[arch]
     reproducibility = (reproducible.OFF if reproducible_mode is False
                        else reproducible.activate(device, required=bool(reproducible_mode)))
+    data, record, input_spec, config = digits_data(spec.photos, device, synth_dir, jobs)
     torch.manual_seed(seed)
-    train, val, test = (digits.load_split(name, device) for name in ("train", "val", "test"))
     model = spec.build().to(device)
     started = time.perf_counter()
-    history = fit(model, train.x, train.y, val.x, val.y, spec.recipe, max_epochs=max_epochs, patience=patience,
-                  progress=progress, desc=f"digits {arch}")
-    result = evaluate(model, test.x, test.y)
-    config = {"max_epochs": max_epochs, "patience": patience, "recipe": asdict(spec.recipe)}
-    metrics = run_metrics("digits", arch, spec.summary, digits.DATA, seed, config, device, started, history, result,
+    history = fit(model, *data.train, *data.val, spec.recipe, max_epochs=max_epochs, patience=patience,
+                  progress=progress, desc=f"digits {arch}", outliers=data.outliers)
+    result = evaluate(model, *data.test)
+    config = {"max_epochs": max_epochs, "patience": patience, "recipe": asdict(spec.recipe), **config}
+    metrics = run_metrics("digits", arch, spec.summary, record, seed, config, device, started, history, result,
                           reproducibility)
-    return write_run(metrics, model, history, test.x, test.y, digits.INPUT_SPEC, out), metrics
+    return write_run(metrics, model, history, data, input_spec, out), metrics
 
 
 def train_svhn(args) -> tuple[Path, dict] | None:
@@ -135,7 +159,8 @@ def train_svhn(args) -> tuple[Path, dict] | None:
         durations = np.diff([0.0, *history.epoch_ends])
         metrics["seconds_per_epoch"] = round(float(np.median(durations)), 3)  # median: not the first (compile, warm-up)
         metrics["seconds_to_best_epoch"] = round(history.epoch_ends[history.best_epoch], 2)
-        run_dir = write_run(metrics, model, history, test_x, test_y, svhn.INPUT_SPEC, args.out,
+        data = Splits((train_x, train_y), (val_x, val_y), (test_x, test_y))
+        run_dir = write_run(metrics, model, history, data, svhn.INPUT_SPEC, args.out,
                             splits={"train_indices": train_idx, "val_indices": val_idx}, name=args.name)
         return run_dir, metrics
     finally:

@@ -29,8 +29,11 @@ class Options:
     invert: bool | None = None   # dark ink on light; None: resize=true detects it, exact sizes take no
     resize: bool = False
     model_input: bool = False    # answer what the model saw, for uploaded images
+    raw: bool = False            # the model's own probabilities, not the calibrated ones
+    unsure_below: float | None = None  # this request's confidence threshold (None: the model's own)
 
-    BOOLEAN = ("invert", "resize", "model_input")
+    BOOLEAN = ("invert", "resize", "model_input", "raw")
+    NAMES = ("model", *BOOLEAN, "unsure_below")
 
 
 async def read_request(request: Request, limit: int) -> tuple[list[tuple], Options]:
@@ -46,10 +49,22 @@ async def read_request(request: Request, limit: int) -> tuple[list[tuple], Optio
     else:
         raise InputError(f"send multipart/form-data, application/json or an image ({', '.join(sorted(IMAGE_TYPES))}), "
                          f"not {content_type[:100]!r}", 415)
-    query = {"model": request.query_params.get("model") or None,
-             **{name: parse_bool(request.query_params.get(name), name) for name in Options.BOOLEAN}}
-    merged = {name: given.get(name) if given.get(name) is not None else value for name, value in query.items()}
-    return inputs, Options(merged["model"], merged["invert"], bool(merged["resize"]), bool(merged["model_input"]))
+    query = options(request.query_params, "query parameter")
+    merged = {name: given.get(name) if given.get(name) is not None else query.get(name) for name in Options.NAMES}
+    return inputs, Options(**{name: value for name, value in merged.items() if value is not None})
+
+
+def options(fields, where: str) -> dict:
+    """The options among query parameters or form fields, each checked; 422 naming an unknown one."""
+    values = {}
+    for name, value in fields.items():
+        if name not in Options.NAMES:
+            raise InputError(f"unknown {where} {name[:50]!r}; the options are {', '.join(Options.NAMES)}", 422)
+        if isinstance(value, UploadFile):
+            raise InputError(f"form field {name!r} must be a value, not a file", 422)
+        values[name] = (value or None if name == "model" else
+                        parse_share(value, name) if name == "unsure_below" else parse_bool(value, name))
+    return values
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -64,6 +79,19 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise InputError(f"payload exceeds the limit of {limit} bytes (--max-payload-bytes)", 413)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def parse_share(value: str | None, name: str) -> float | None:
+    """A number in [0, 1]; None where it is not given."""
+    if value is None or value == "":
+        return None
+    try:
+        share = float(value)
+    except ValueError:
+        share = -1.0
+    if not 0 <= share <= 1:
+        raise InputError(f"{name} must be a number in [0, 1], got {value[:50]!r}", 422)
+    return share
 
 
 def parse_bool(value: str | None, name: str) -> bool | None:
@@ -86,12 +114,8 @@ async def parse_multipart(request: Request, body: bytes) -> tuple[list, dict]:
         raise InputError(f"malformed multipart body: {err.detail}", 400) from None
     except Exception as err:  # the multipart parser raises several types for malformed bodies
         raise InputError(f"malformed multipart body: {images.one_line(err)}", 400) from None
-    given = {}
-    for name in ("model", *Options.BOOLEAN):
-        value = form.get(name)
-        if isinstance(value, UploadFile):
-            raise InputError(f"form field {name!r} must be a value, not a file", 422)
-        given[name] = (value or None) if name == "model" else parse_bool(value, name)
+    given = options({key: value for key, value in form.multi_items() if key in Options.NAMES or
+                     not isinstance(value, UploadFile)}, "form field")
     inputs = [(value.filename or key, "bytes", await value.read())
               for key, value in form.multi_items() if isinstance(value, UploadFile)]
     return inputs, given
@@ -109,7 +133,7 @@ def parse_json(body: bytes) -> tuple[list, dict]:
                          status) from None
     inputs = [(f"images[{i}]", "bytes", decode_base64(text)) for i, text in enumerate(payload.images)]
     inputs += [(f"pixels[{i}]", "pixels", value) for i, value in enumerate(payload.pixels)]
-    return inputs, {name: getattr(payload, name) for name in ("model", *Options.BOOLEAN)}
+    return inputs, {name: getattr(payload, name) for name in Options.NAMES}
 
 
 def decode_base64(text: object) -> bytes:

@@ -6,9 +6,10 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from export_contract import Figures
+from export_contract import Figures, calibration
 from serving import schemas, verify
 from serving.api.common import AUTH, service_of
+from serving.errors import ModelNotFound
 from serving.routing import Catalog
 from serving.service import Service
 
@@ -25,11 +26,19 @@ def summary(service: Service, name: str, catalog: Catalog) -> dict:
     served = catalog.served[name]
     m = served.manifest
     key = catalog.default_for(name)
+    record = m.get("calibration")
+    trust = ({"temperature": record["temperature"], "unsure_below": record["confidence"]["unsure_below"],
+              "not_a_digit_above": record.get("not_a_digit", {}).get("above"),
+              "conformal_level": record["conformal"]["level"], "test": record["test"],
+              "reliability_url": f"/models/{name}/reliability.png"} if record is not None else
+             {"note": "exported before calibration existed: answers use its raw probabilities, 'unsure' below "
+                      f"{calibration.UNCALIBRATED['confidence']['unsure_below']}, and it never says not_a_digit"})
     return {"name": name, "status": "ready", "task": m["task"], "version": m["version"], "summary": m.get("summary"),
             "data": m.get("data"), "default_for": f"{key[2]}x{key[1]}" if key else None, "input": m["input"],
             "device": served.runner.device, "provider": served.runner.provider,
             "test": Figures.recorded(m["metrics"]["test"]).as_dict(), "verified": served.verified,
-            "best_epoch": m["metrics"]["best_epoch"] + 1, "epochs_run": m["metrics"]["epochs_run"], **rejected}
+            "best_epoch": m["metrics"]["best_epoch"] + 1, "epochs_run": m["metrics"]["epochs_run"],
+            "calibration": trust, **rejected}
 
 
 @router.get("/models", response_model=schemas.ModelsResponse,
@@ -58,7 +67,16 @@ async def get_model(name: str, request: Request):
 @router.get("/models/{name}/curves.png", responses=schemas.ERROR_RESPONSES, response_class=Response,
             summary="Validation curves with the test value dashed")
 async def get_curves(name: str, request: Request):
-    return Response(service_of(request).catalog.model(name).curves, media_type="image/png")
+    return Response(service_of(request).catalog.model(name).files["curves"], media_type="image/png")
+
+
+@router.get("/models/{name}/reliability.png", responses=schemas.ERROR_RESPONSES, response_class=Response,
+            summary="Reliability diagram: confidence against accuracy on the test split, before and after calibration")
+async def get_reliability(name: str, request: Request):
+    served = service_of(request).catalog.model(name)
+    if "reliability" not in served.files:
+        raise ModelNotFound(f"model {name!r} was exported before calibration existed: it has no reliability diagram")
+    return Response(served.files["reliability"], media_type="image/png")
 
 
 @router.post("/models/{name}/evaluate", response_model=schemas.EvaluateResponse, responses=schemas.ERROR_RESPONSES,
@@ -72,11 +90,27 @@ async def evaluate(name: str, request: Request):
     async with service.admission.admitted(), service.evaluating:  # before reading: the official SVHN file is 64 MB
         x, y = served.test_split or await asyncio.to_thread(verify.from_data_dir, served.entry,
                                                             service.config.data_dir)
-        log_probs, _ = await service.infer([(served, array) for array in x], background=True)
-    measured, recorded = Figures.of(np.stack(log_probs), y), Figures.recorded(served.manifest["metrics"]["test"])
-    return {"model": name, "version": served.version, "backend": service.config.backend, "served": measured.as_dict(),
-            "manifest": recorded.as_dict(), "agrees": measured.reproduces(recorded),
-            "seconds": round(time.perf_counter() - started, 4)}
+        log_probs, scores = await evaluated(service, served, x)
+        record = served.manifest.get("calibration")
+        if record is not None:
+            nondigits = await evaluated(service, served, served.nondigits) if served.nondigits is not None else None
+            calibrated = calibration.figures(log_probs, scores, y, record, *(nondigits or (None, None)))
+    measured, recorded = Figures.of(log_probs, y), Figures.recorded(served.manifest["metrics"]["test"])
+    agrees = measured.reproduces(recorded)
+    answer = {"model": name, "version": served.version, "backend": service.config.backend,
+              "served": measured.as_dict(), "manifest": recorded.as_dict()}
+    if record is not None:
+        differences = calibration.reproduces(calibrated, record["test"])
+        answer["calibration"] = {"served": calibrated, "manifest": record["test"], "differences": differences}
+        agrees = agrees and not differences
+    return {**answer, "agrees": agrees, "seconds": round(time.perf_counter() - started, 4)}
+
+
+async def evaluated(service: Service, served, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Log-probabilities (and scores) of `x` through the batcher, as background work."""
+    outputs, _ = await service.infer([(served, array) for array in x], background=True)
+    scores = None if outputs[0][1] is None else np.array([score for _, score in outputs])
+    return np.stack([log_probs for log_probs, _ in outputs]), scores
 
 
 @router.post("/models/reload", response_model=schemas.ReloadResponse,

@@ -1,9 +1,8 @@
 """POST /predict: one or several images (or pixel arrays) in, one answer per input out."""
-import numpy as np
 from fastapi import APIRouter, Request
 
-from serving import images, schemas
-from serving.api.bodies import read_request
+from serving import answers, images, schemas
+from serving.api.bodies import Options, read_request
 from serving.api.common import AUTH, service_of
 from serving.routing import Routed
 
@@ -12,7 +11,8 @@ PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
         "model": {"type": "string"}, "invert": {"type": "boolean"}, "resize": {"type": "boolean"},
-        "model_input": {"type": "boolean"}}}},
+        "model_input": {"type": "boolean"}, "raw": {"type": "boolean"},
+        "unsure_below": {"type": "number", "minimum": 0, "maximum": 1}}}},
     **{media: {"schema": {"type": "string", "format": "binary"}} for media in ("image/png", "image/jpeg")},
 }}}
 
@@ -24,24 +24,24 @@ router = APIRouter(tags=["prediction"])
              summary="Classify one or several images (8x8 digits, 32x32 house-number crops, or photos with resize)")
 async def predict(request: Request):
     """Multipart upload (any number of file fields), JSON, or one image as the body. Options `model`,
-    `invert`, `resize`, `model_input` as query parameters, form fields or JSON fields. Each input goes
-    to the model that takes its size and colour (its answer says why), unless `model` names one."""
+    `invert`, `resize`, `model_input`, `raw`, `unsure_below` as query parameters, form fields or JSON
+    fields. Each input goes to the model that takes its size and colour (its answer says why), unless
+    `model` names one; each answer says how far to trust it (confidence, decision, candidates)."""
     service = service_of(request)
     inputs, options = await read_request(request, service.config.max_payload_bytes)
     async with service.admission.admitted():
         routed = await service.prepare(inputs, options)
         request.state.model = routed[0].model.name
-        log_probs, batch_images = await service.infer([(r.model, r.array) for r in routed])
-    return {"predictions": [prediction(label, r, rows, batch_images, options.model_input and kind == "bytes")
-                            for (label, kind, _), r, rows in zip(inputs, routed, log_probs)]}
+        outputs, batch_images = await service.infer([(r.model, r.array) for r in routed])
+    return {"predictions": [prediction(label, r, output, batch_images, options, kind == "bytes", service.metrics)
+                            for (label, kind, _), r, output in zip(inputs, routed, outputs)]}
 
 
-def prediction(label: str, routed: Routed, log_probs: np.ndarray, batch_images: int, with_input: bool) -> dict:
+def prediction(label: str, routed: Routed, output: tuple, batch_images: int, options: Options, uploaded: bool,
+               metrics) -> dict:
     """One input's answer, naming the version that gave it and why; what the model saw if asked."""
-    probabilities = np.exp(log_probs.astype(np.float64))
-    answer = {"input": label, "model": routed.model.name, "version": routed.model.version, "routed": routed.reason,
-              "label": int(np.argmax(log_probs)), "probabilities": [round(float(p), 6) for p in probabilities],
-              "batch_size": batch_images}
-    if with_input:
-        answer["model_input"] = images.as_pixels(routed.array)
-    return answer
+    log_probs, score = output
+    return {"input": label, "model": routed.model.name, "version": routed.model.version, "routed": routed.reason,
+            **answers.answer(routed.model, log_probs, score, metrics, options.raw, options.unsure_below),
+            "batch_size": batch_images,
+            **({"model_input": images.as_pixels(routed.array)} if options.model_input and uploaded else {})}

@@ -4,7 +4,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
-from serving import images, schemas
+from serving import answers, images, schemas
 from serving.api.bodies import read_body
 from serving.api.common import AUTH, error_response, service_of
 from serving.errors import InputError
@@ -76,11 +76,18 @@ async def infer(name: str, request: Request):
     array = tensor_array(infer_request.inputs[0], model.manifest["input"])
     service = service_of(request)
     async with service.admission.admitted():
-        log_probs, _ = await service.infer([(model, row) for row in array])
-    log_probs = np.stack(log_probs).astype(np.float32)
+        outputs, _ = await service.infer([(model, row) for row in array])
+    log_probs = np.stack([row for row, _ in outputs]).astype(np.float32)
+    trusted = [answers.answer(model, row, score, service.metrics) for row, score in outputs]
+    n = len(trusted)
     return {"model_name": name, "model_version": model.version, "id": infer_request.id,
             "outputs": [{"name": model.manifest["output"]["name"], "shape": list(log_probs.shape),
-                         "datatype": "FP32", "data": log_probs.ravel().tolist()}]}
+                         "datatype": "FP32", "data": log_probs.ravel().tolist()},
+                        # how far to trust each row (serving/answers.py): calibrated, as /predict answers it
+                        {"name": "confidence", "shape": [n], "datatype": "FP32", "data": [a["confidence"] for a in trusted]},
+                        {"name": "decision", "shape": [n], "datatype": "BYTES", "data": [a["decision"] for a in trusted]},
+                        {"name": "candidates", "shape": [n], "datatype": "BYTES",
+                         "data": [",".join(map(str, a["candidates"])) for a in trusted]}]}
 
 
 def tensor_array(tensor: schemas.V2Tensor, spec: dict) -> np.ndarray:

@@ -1,0 +1,32 @@
+"""Each load tool of bench/ run for real at its smallest (`python -m bench.NAME` in a subprocess from
+the repository root, against real servers it starts on loopback): it exits 0 and prints its report.
+bench.load and bench.fastapi_baseline run inside bench.serve."""
+import os
+
+import pytest
+
+# (script, flags for a run of a few seconds, what its report must show)
+TINY_RUNS = [
+    ("serve", ["--seconds", "1", "--warmup-seconds", "0", "--ceiling-seconds", "0.5", "--connections", "2",
+               "--load", "python"], ["## Serving (`python -m bench.serve", "| FastAPI + ORT |", "| digitserve |",
+                                     "In-process ceiling"]),
+    ("overload", ["--connections", "8", "--seconds", "1"], ["## Overload (`python -m bench.overload",
+                                                           "| connections | answered/s | accepted/s", "| 8 |"]),
+    ("soak", ["--valid", "40", "--hostile", "20", "--connections", "4", "--warmup", "40"],
+     ["| process | RSS after warm-up MB |", "valid requests not answered 200: 0", "targets", ": met"]),
+    ("hostile", ["--requests", "100", "--connections", "4"], ["100 hostile requests in",
+                                                              "5xx, hangs or transport errors: 0"]),
+    ("decode_bomb", ["--seconds", "1"], ["/health while bombs were sent (1 s,", "bomb answers {413:"]),
+    ("exhaustion", ["--seconds", "1", "--megabytes", "2", "--names", "20", "--bomb-megabytes", "64"],
+     ["## Exhaustion (`python -m bench.exhaustion", "| attack | measured | target |",
+      "| 20 distinct 60 KB names on /models/NAME | 414 each", "rejected: test_set.npz"]),
+    ("reload_memory", ["--reloads", "2"], ["reload    2:", "2 reloads of svhn-synthetic-cnn in"]),
+]
+
+
+@pytest.mark.parametrize("script, flags, report", TINY_RUNS, ids=[run[0] for run in TINY_RUNS])
+def test_a_load_tool_runs_tiny_and_reports(cli, scratch, script, flags, report):
+    result = cli(f"bench.{script}", *flags, env={**os.environ, "TMPDIR": str(scratch)}, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    for text in report:
+        assert text in result.stdout, result.stdout
