@@ -72,4 +72,4 @@ image:
 IMAGE_VARIANTS ?= cpu gpu
 image-test: $(VENV)/.dev
 	DIGITSERVE_IMAGE=$(IMAGE) DIGITSERVE_IMAGE_VARIANTS='$(IMAGE_VARIANTS)' \
-	  $(PY) -m pytest -q -p no:cacheprovider -m container tests/test_container.py
+	  $(PY) -m pytest -q -p no:cacheprovider -m container tests/deploy/test_container.py

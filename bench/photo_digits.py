@@ -1,7 +1,8 @@
 """Photos and drawings of one digit, as users send them, through resize=true: accuracy of a digits
-model before and after the dataset-like preprocessing (serving/resize.py: digit_bitmap_counts).
+model before and after the dataset-like preprocessing (serving/resize.py: digit_bitmap_counts), and
+each model's answers as the service gives them (calibrated: answered, unsure, not a digit).
 
-    .venv/bin/python -m bench.photo_digits [--n 600] [--seed 0] [--model digits-cnn] [--save DIR]
+    .venv/bin/python -m bench.photo_digits [--n 600] [--seed 0] [--model digits-cnn] [--models M ...] [--save DIR]
 
 Renders the digits 0-9 in every font on the machine (system TrueType/OpenType fonts, plus
 matplotlib's when installed; symbol fonts left out) on large canvases (160-800 px a side): random
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from export_contract import calibration
 from serving import images
 from serving.backends import BACKENDS
 from serving.errors import InputError
@@ -67,19 +69,46 @@ def former_resize(gray: np.ndarray, invert: bool) -> np.ndarray:
     return 16 - values if invert else values
 
 
+def load(name: str):
+    """The export's ONNX artifact on the CPU, and its manifest."""
+    manifest = json.loads((ROOT / "exports" / name / "model.json").read_text())
+    artifact = manifest["artifacts"]["onnx"]["file"]
+    return BACKENDS["onnx"]((ROOT / "exports" / name / artifact).read_bytes(), artifact, "cpu",
+                            manifest["input"]["name"]), manifest
+
+
+def answers_table(names: list[str], arrays: list, labels: np.ndarray) -> None:
+    """Each model's answers to the renders as the service gives them: right, and the decisions."""
+    print("\n| model | accuracy | answered (digit) | right among answered | unsure | not a digit |\n|---|---|---|---|---|---|")
+    kept = np.array([a is not None for a in arrays])
+    batch = np.stack([a for a in arrays if a is not None])[:, None].astype(np.float32)
+    for name in names:
+        if not (ROOT / "exports" / name).is_dir():
+            continue
+        model, manifest = load(name)
+        record = manifest.get("calibration", calibration.UNCALIBRATED)
+        log_probs, scores = model(batch)
+        probs = calibration.probabilities(log_probs, record["temperature"])
+        decided = calibration.decisions(probs, scores, record)
+        right = probs.argmax(axis=1) == labels[kept]
+        answered = decided == 0
+        print(f"| {name} | {right.sum() / len(labels):.1%} | {answered.sum() / len(labels):.1%} | "
+              f"{right[answered].mean():.1%} | {(decided == 1).sum() / len(labels):.1%} | "
+              f"{(decided == 2).sum() / len(labels):.1%} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=600, help="images (cycling through fonts and digits)")
     parser.add_argument("--seed", type=int, default=0, help="0: the benchmark; 1: the validation renders")
-    parser.add_argument("--model", default="digits-cnn", help="an export in exports/")
+    parser.add_argument("--model", default="digits-cnn", help="an export in exports/: the before/after table")
+    parser.add_argument("--models", nargs="*", default=["digits-cnn", "digits-mlp", "digits-photo-cnn"],
+                        help="exports whose answers (with their calibration: decision, confidence) are tabled")
     parser.add_argument("--save", type=Path, help="also write the renders here, named INDEX-LABEL.png")
     args = parser.parse_args()
 
     fonts = digit_fonts()
-    manifest = json.loads((ROOT / "exports" / args.model / "model.json").read_text())
-    artifact = manifest["artifacts"]["onnx"]["file"]
-    model = BACKENDS["onnx"]((ROOT / "exports" / args.model / artifact).read_bytes(), artifact, "cpu",
-                             manifest["input"]["name"])
+    model, _ = load(args.model)
     rng = np.random.default_rng(args.seed)
     pipelines = {
         "before, told the polarity": lambda gray, dark: former_resize(gray, invert=dark),
@@ -117,6 +146,7 @@ def main() -> None:
         per_digit[name] = [right[labels == digit].mean() for digit in range(10)]
     print("\nPer digit, after (polarity detected): " +
           ", ".join(f"{digit}: {share:.0%}" for digit, share in enumerate(per_digit["after, polarity detected"])))
+    answers_table(args.models, inputs["after, polarity detected"], labels)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ A model's artifact returns log-probabilities, and, where the export carries a de
 output: a "not a digit" score (higher: less like the training digits). The record holds:
 - `temperature` T: the answer's probabilities are softmax(log_probs / T) (Guo et al. 2017);
 - `confidence.unsure_below`: an answer whose calibrated top probability is below it is "unsure";
-- `not_a_digit.above`: a score above it makes the answer "not_a_digit" (absent: no detector);
+- `not_a_digit`: a score above `above` (method "mahalanobis"), or a calibrated confidence below
+  `below` (method "confidence"), makes the answer "not_a_digit" (absent: no detector);
 - `conformal.quantile` q at `conformal.level`: the candidate set is every digit with probability at
   least 1 - q (split-conformal prediction, LAC score), most likely first;
 - the figures on the test split, and the non-digit test pictures' rejection rate, before and after.
@@ -38,9 +39,11 @@ def decisions(probs: np.ndarray, scores: np.ndarray | None, record: dict, unsure
     threshold = record["confidence"]["unsure_below"] if unsure_below is None else unsure_below
     decided = np.where(probs.max(axis=1) < threshold, 1, 0)
     detector = record.get("not_a_digit")
-    if detector is not None and scores is not None:
-        decided = np.where(np.asarray(scores, dtype=np.float64) > detector["above"], 2, decided)
-    return decided
+    if detector is None:
+        return decided
+    if detector["method"] == "confidence":
+        return np.where(probs.max(axis=1) < detector["below"], 2, decided)
+    return decided if scores is None else np.where(np.asarray(scores, dtype=np.float64) > detector["above"], 2, decided)
 
 
 def candidates(probs: np.ndarray, record: dict) -> list[list[int]]:

@@ -6,6 +6,8 @@ from contextlib import asynccontextmanager
 from serving.errors import Overloaded
 from serving.metrics import Metrics
 
+SMALL_BODY = 1 << 20  # bytes: larger request bodies (a phone's photo) are read a few at a time
+LARGE_BODIES = 4      # per process: 4 x --max-payload-bytes (16 MB) at most held for large bodies
 # The inference routes, which admission control counts (and the protocol refuses when a process is full).
 ADMITTED = re.compile(rb"/predict|/v2/models/[^/]+/infer|/models/[^/]+/evaluate")
 
@@ -21,6 +23,7 @@ class Admission:
     def __init__(self, limit: int, metrics: Metrics):
         self.limit, self.metrics = limit, metrics
         self.in_progress = 0
+        self.large_bodies = 0
         self.message = (f"the server is at capacity ({limit} requests in progress in this process); retry in "
                         f"{Overloaded.retry_after} s")
         body = json.dumps({"error": self.message}).encode()
@@ -39,6 +42,21 @@ class Admission:
 
     def answer(self, keep_alive: bool) -> bytes:
         return self.answers[keep_alive]
+
+    @asynccontextmanager
+    async def body_room(self, declared: str | None):
+        """Room to read a request's body and keep it until it is answered: a body over SMALL_BODY bytes
+        (or of no declared length) takes one of LARGE_BODIES places, or is refused 503 at once."""
+        large = declared is None or not declared.isdigit() or int(declared) > SMALL_BODY
+        if large and self.large_bodies >= LARGE_BODIES:
+            self.metrics.shed.inc()
+            raise Overloaded(f"{LARGE_BODIES} uploads over {SMALL_BODY >> 20} MB are being read in this process; "
+                             f"retry in {Overloaded.retry_after} s")
+        self.large_bodies += large
+        try:
+            yield
+        finally:
+            self.large_bodies -= large
 
     @asynccontextmanager
     async def admitted(self):

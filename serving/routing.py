@@ -19,7 +19,7 @@ import numpy as np
 from serving import images
 from serving.errors import InputError, ModelNotFound, ModelUnavailable
 from serving.inference import ServedModel
-from serving.resize import fitted_input
+from serving.resize import WORK_SIDE, fitted_input
 
 GREY, COLOUR = "grayscale", "RGB"
 InputKey = tuple[str, int, int]  # (colour, height, width)
@@ -97,10 +97,11 @@ def route_image(catalog: Catalog, image, model: str | None, invert: bool | None,
                              f"{described(input_key(served.manifest['input']))} images (or pass resize=true)", 422)
     else:
         served, reason = by_header(catalog, image, resize)
-    decoded = images.decode(image)
+    exact = (height, width) == images.spec_size(served.manifest["input"])
+    decoded = images.decode(image, None if exact else WORK_SIDE)  # a phone's JPEG decoded at 1/2..1/8 scale
     if model is None and resize and served.manifest["input"]["color"] == COLOUR and images.looks_grey(decoded):
         grey = default_of_colour(catalog, GREY)
-        if grey is not None and (height, width) != images.spec_size(served.manifest["input"]):
+        if grey is not None and not exact:
             served, reason = grey, f"resize=true: the image has no colour, and a grey model is served{for_photos(grey)}"
     spec = served.manifest["input"]
     pixels = images.to_gray_or_rgb(decoded, spec["color"])

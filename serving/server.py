@@ -13,8 +13,8 @@ This is the only module that imports litserve (pinned to LITSERVE_CHECKED). It i
 constructor parameters (`healthcheck_path`, `info_path`, `middlewares`, `restart_workers`) and
 run()'s uvicorn keyword arguments (the protocol class of serving/connections.py, the connection
 cap). What it offers no parameter for is in `litserve_workarounds()`, which fails loudly if LitServe
-is not as expected; the process handling around it is serving/processes.py's. tests/test_server.py
-exercises each of these on a real server.
+is not as expected; the process handling around it is serving/processes.py's.
+tests/serving/test_processes.py exercises each of these on a real server.
 """
 import logging
 import os

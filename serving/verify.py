@@ -93,7 +93,7 @@ def check_calibration(entry: ModelEntry, runner, log_probs: np.ndarray, scores: 
     record = entry.manifest.get("calibration")
     if record is None:
         return  # exported before calibration existed: answered uncalibrated, and /models says so
-    if "not_a_digit" in record and scores is None:
+    if record.get("not_a_digit", {}).get("method") == "mahalanobis" and scores is None:
         raise Rejected(version, "its manifest has a not-a-digit threshold, but its artifact gives no score", "calibration")
     differences = calibration.reproduces(calibration_figures(entry.manifest, runner, log_probs, scores, labels,
                                                              nondigits), record["test"])

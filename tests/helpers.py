@@ -49,11 +49,16 @@ def digit_png(image: np.ndarray) -> bytes:
     return png(np.round(image * 255 / 16).astype(np.uint8), "L")
 
 
-def offline(exports: Path, name: str, x: np.ndarray) -> np.ndarray:
-    """Probabilities of the export's ONNX artifact run directly by ONNX Runtime: the reference."""
+def offline(exports: Path, name: str, x: np.ndarray, calibrated: bool = True) -> np.ndarray:
+    """Probabilities of the export's ONNX artifact run directly by ONNX Runtime, calibrated with its
+    manifest's temperature as the service answers them (or the model's own): the reference."""
     import onnxruntime
+
+    from export_contract import calibration
+    manifest = json.loads((exports / name / "model.json").read_text())
+    temperature = manifest.get("calibration", calibration.UNCALIBRATED)["temperature"] if calibrated else 1.0
     session = onnxruntime.InferenceSession(str(exports / name / "model.onnx"), providers=["CPUExecutionProvider"])
-    return np.exp(session.run(None, {"pixels": x})[0])
+    return calibration.probabilities(session.run(None, {"pixels": x})[0], temperature)
 
 
 # --- routing without artifacts ---

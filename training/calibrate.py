@@ -2,13 +2,15 @@
 the exported graph, the temperature, the abstention threshold and the conformal quantile
 (export_contract/calibration.py applies and measures them).
 
-- Not a digit: Mahalanobis distance of the model's penultimate features (the input of its last
-  linear layer) to the nearest class mean, with one covariance shared by the classes (Lee et al.
-  2018), Ledoit-Wolf shrunk, all fitted on the training split. On the committed digits models and
-  the project's own non-digit pictures it separated far better than the top probability or the
-  energy score on the validation split (bench/RESULTS.md, "Answers a user can trust"), and it needs
-  no retraining. Its threshold: among those that keep at least DIGITS_KEPT of the calibration set's
-  digits, the one that best separates them from the non-digit validation pictures (Youden's J).
+- Not a digit: the exported graph also returns the Mahalanobis distance of the model's penultimate
+  features (the input of its last linear layer) to the nearest class mean, with one covariance
+  shared by the classes (Lee et al. 2018), Ledoit-Wolf shrunk, all fitted on the training split. On
+  the committed digits models and the project's own non-digit pictures it separated them far better
+  than the top probability on the validation split (AUROC 0.98-0.99 against 0.90-0.94); for a model
+  trained with outlier exposure the calibrated confidence does better (0.999). `detector` picks,
+  per model, the rule that does better on validation, and its threshold: among those that keep at
+  least DIGITS_KEPT of the validation digits, the one that best separates them from the non-digit
+  validation pictures (Youden's J).
 - Calibration set: the validation split, plus COPIES copies of it under the recipe's own training
   augmentation where the recipe augments. The digits' 350 validation images hold 0-3 errors for the
   improved models: too few to fit a temperature (the NLL falls without end as T -> 0) or to choose a
@@ -30,7 +32,7 @@ from torch import nn
 from export_contract import calibration
 from training import augment
 
-DIGITS_KEPT = 0.98
+DIGITS_KEPT = 0.99  # of the validation digits: at most 1 in 100 real digits called "not a digit"
 SELECTIVE_ACCURACY = 0.995
 LEVEL = 0.99
 COPIES = 20
@@ -83,10 +85,12 @@ def calibration_set(val_x: torch.Tensor, val_y: torch.Tensor, recipe, seed: int 
     return torch.cat([val_x, copies.to(val_x.dtype)]), val_y.repeat(COPIES + 1)
 
 
-def fit(log_probs: np.ndarray, labels: np.ndarray, scores: np.ndarray, nondigit_scores: np.ndarray,
-        calibrated_on: str) -> dict:
-    """The calibration record (without its figures) from the calibration set's outputs and the
-    non-digit validation pictures' scores."""
+def fit(log_probs: np.ndarray, labels: np.ndarray, val: tuple[np.ndarray, np.ndarray],
+        nondigits: tuple[np.ndarray, np.ndarray] | None, calibrated_on: str) -> dict:
+    """The calibration record (without its figures): temperature, abstention and conformal quantile
+    from the calibration set's log-probabilities and labels; the "not a digit" rule from the
+    validation split's own digits and the non-digit validation pictures, (log-probabilities, scores)
+    each (the augmented copies are left out there: a detector is for real digits)."""
     labels = np.asarray(labels)
 
     def nll(log_t: float) -> float:
@@ -103,9 +107,32 @@ def fit(log_probs: np.ndarray, labels: np.ndarray, scores: np.ndarray, nondigit_
     rank = min(len(lac), math.ceil((len(lac) + 1) * LEVEL))
     return {"temperature": temperature, "calibrated_on": calibrated_on,
             "confidence": {"unsure_below": unsure_below, "target_selective_accuracy": SELECTIVE_ACCURACY},
-            "not_a_digit": {"method": "mahalanobis", "above": threshold(scores, nondigit_scores),
-                            "digits_kept_target": DIGITS_KEPT},
+            "not_a_digit": detector(val, nondigits, temperature),
             "conformal": {"level": LEVEL, "quantile": float(lac[rank - 1])}}
+
+
+def detector(val: tuple[np.ndarray, np.ndarray], nondigits: tuple[np.ndarray, np.ndarray] | None,
+             temperature: float) -> dict:
+    """The "not a digit" rule that separates the validation digits from the non-digit validation
+    pictures best (Youden's J) while keeping DIGITS_KEPT of the digits: a Mahalanobis score above a
+    threshold, or a calibrated confidence below one. A model trained with outlier exposure learnt to
+    answer non-digits with near-uniform probabilities, and its confidence separates them best; the
+    others' features do. Without non-digit pictures (no resize=true reading for this input), the
+    score alone."""
+    def flagged_by(digits: np.ndarray, others: np.ndarray, method: str) -> dict:
+        cut = threshold(digits, others)
+        return {"method": method, "cut": cut, "digits": float(np.mean(digits > cut)),
+                "nondigits": float(np.mean(others > cut)) if len(others) else 0.0}
+    confidence = [1 - calibration.probabilities(lp, temperature).max(axis=1) for lp, _ in (val, nondigits or val)]
+    rules = [flagged_by(val[1], nondigits[1] if nondigits else np.empty(0), "mahalanobis")]
+    if nondigits is not None:
+        rules.append(flagged_by(confidence[0], confidence[1], "confidence"))
+    best = max(rules, key=lambda rule: rule["nondigits"] - rule["digits"])
+    kept = {"digits_kept_target": DIGITS_KEPT, "validation": {"digits_flagged": best["digits"],
+                                                              "nondigits_flagged": best["nondigits"]}}
+    if best["method"] == "mahalanobis":
+        return {"method": "mahalanobis", "above": best["cut"], **kept}
+    return {"method": "confidence", "below": 1 - best["cut"], **kept}
 
 
 def threshold(digit_scores: np.ndarray, nondigit_scores: np.ndarray) -> float:

@@ -180,17 +180,17 @@ def calibrated(staging: Path, onnx_path: Path, spec: dict, data: Splits, recipe:
     def outputs(x: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return run_onnx(onnx_path, np.asarray(x), spec["name"])
     val_x, val_y = data.val[0].cpu(), data.val[1].cpu()
-    fitted_on, (cal_lp, cal_scores), cal_y = "the validation split", outputs(val_x), val_y.numpy()
+    val = outputs(val_x)
+    fitted_on, (cal_lp, _), cal_y = "the validation split", val, val_y.numpy()
     if int((cal_lp.argmax(1) != cal_y).sum()) < MIN_ERRORS and recipe.augments():
         cal_x, cal_y_t = calibrate.calibration_set(val_x, val_y, recipe)
-        (cal_lp, cal_scores), cal_y = outputs(cal_x), cal_y_t.numpy()
+        (cal_lp, _), cal_y = outputs(cal_x), cal_y_t.numpy()
         fitted_on = f"the validation split and {calibrate.COPIES} copies of it under the training augmentation"
-    with_nondigits = nondigits.supported(spec)
-    nondigit_val = outputs(nondigits.pictures_for(spec, NONDIGITS, nondigits.SEEDS["validation"]))[1] if with_nondigits \
-        else np.empty(0)
-    record = calibrate.fit(cal_lp, cal_y, cal_scores, nondigit_val, fitted_on)
+    supported = nondigits.supported(spec)
+    nondigit_val = outputs(nondigits.pictures_for(spec, NONDIGITS, nondigits.SEEDS["validation"])) if supported else None
+    record = calibrate.fit(cal_lp, cal_y, val, nondigit_val, fitted_on)
     nondigit_test = None
-    if with_nondigits:
+    if supported:
         pictures = nondigits.pictures_for(spec, NONDIGITS, nondigits.SEEDS["test"])
         nondigit_test = outputs(pictures)
         path = staging / nondigits.FILE_NAME

@@ -65,7 +65,7 @@ def run_metrics(task: str, arch: str, summary: str, data: dict, seed: int, confi
     }
 
 
-UCI_TRAIN_REPEATS = 4  # the UCI training split's weight beside the generated pictures (training/recipes.py)
+UCI_TRAIN_REPEATS = 8  # the UCI training split's weight beside the generated pictures (training/recipes.py)
 
 
 def digits_data(photos: bool, device: torch.device | str, synth_dir: Path, jobs: int = 1) -> tuple[Splits, dict, dict, dict]:

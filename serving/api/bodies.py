@@ -71,12 +71,15 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 from its declared length, or as soon as it passes the limit."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise InputError(f"payload of {declared} bytes exceeds the limit of {limit} bytes (--max-payload-bytes)", 413)
+        raise InputError(f"payload of {declared} bytes exceeds the limit of {limit} bytes: send a smaller image, or "
+                         f"start the server with --max-payload-bytes {declared} or more (DIGITSERVE_MAX_PAYLOAD_BYTES)",
+                         413)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise InputError(f"payload exceeds the limit of {limit} bytes (--max-payload-bytes)", 413)
+            raise InputError(f"payload exceeds the limit of {limit} bytes: send a smaller image, or start the server "
+                             "with a larger --max-payload-bytes (DIGITSERVE_MAX_PAYLOAD_BYTES)", 413)
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -28,7 +28,7 @@ def summary(service: Service, name: str, catalog: Catalog) -> dict:
     key = catalog.default_for(name)
     record = m.get("calibration")
     trust = ({"temperature": record["temperature"], "unsure_below": record["confidence"]["unsure_below"],
-              "not_a_digit_above": record.get("not_a_digit", {}).get("above"),
+              "not_a_digit": record.get("not_a_digit"),
               "conformal_level": record["conformal"]["level"], "test": record["test"],
               "reliability_url": f"/models/{name}/reliability.png"} if record is not None else
              {"note": "exported before calibration existed: answers use its raw probabilities, 'unsure' below "

@@ -28,11 +28,12 @@ async def predict(request: Request):
     fields. Each input goes to the model that takes its size and colour (its answer says why), unless
     `model` names one; each answer says how far to trust it (confidence, decision, candidates)."""
     service = service_of(request)
-    inputs, options = await read_request(request, service.config.max_payload_bytes)
-    async with service.admission.admitted():
-        routed = await service.prepare(inputs, options)
-        request.state.model = routed[0].model.name
-        outputs, batch_images = await service.infer([(r.model, r.array) for r in routed])
+    async with service.admission.body_room(request.headers.get("content-length")):
+        inputs, options = await read_request(request, service.config.max_payload_bytes)
+        async with service.admission.admitted():
+            routed = await service.prepare(inputs, options)
+            request.state.model = routed[0].model.name
+            outputs, batch_images = await service.infer([(r.model, r.array) for r in routed])
     return {"predictions": [prediction(label, r, output, batch_images, options, kind == "bytes", service.metrics)
                             for (label, kind, _), r, output in zip(inputs, routed, outputs)]}
 
