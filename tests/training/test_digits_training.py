@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from export_contract.publish import atomic_folder
-from training import digits, models
+from training import digits, digits_synth, models
 from training.__main__ import build_parser
 from training.loop import EarlyStopping, Recipe, evaluate, fit
 from training.train import train_digits
@@ -122,7 +122,7 @@ def test_cli_single_run_writes_complete_run_folder(cli, tmp_path):
     (run_dir,) = tmp_path.iterdir()
     assert sorted(p.name for p in run_dir.iterdir()) == ["curves.pdf", "curves.png", "export", "metrics.json", "model.pt"]
     assert sorted(p.name for p in (run_dir / "export" / "digits-mlp").iterdir()) == [
-        "curves.png", "model.json", "model.onnx", "model.ts", "test_set.npz"]
+        "curves.png", "model.json", "model.onnx", "model.ts", "nondigits.npz", "reliability.png", "test_set.npz"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["arch"] == "mlp" and metrics["seed"] == 0 and metrics["epochs_run"] == 3
     assert len(metrics["val_nll"]) == len(metrics["val_error"]) == 3
@@ -134,13 +134,16 @@ def test_cli_single_run_writes_complete_run_folder(cli, tmp_path):
 
 
 def test_cli_all_writes_comparison_table(cli, tmp_path):
-    result = cli("training", "digits", "--all", "--max-epochs", "1", "--out", str(tmp_path))
+    synth = tmp_path / "synth"  # a small set of generated pictures: the defaults take minutes to draw
+    digits_synth.write(synth, {"train": 100, "val": 50, "test": 50, "outliers": 50}, 0, 1)
+    runs = tmp_path / "runs"
+    result = cli("training", "digits", "--all", "--max-epochs", "1", "--out", str(runs), "--synth-dir", str(synth))
     assert result.returncode == 0, result.stderr
-    table = (tmp_path / "digits-comparison-seed0.md").read_text()
-    for name in ("seed-mlp", "seed-cnn", "| mlp", "| cnn", "k-NN"):
+    table = (runs / "digits-comparison-seed0.md").read_text()
+    for name in ("seed-mlp", "seed-cnn", "| mlp", "| cnn", "| photo-cnn", "k-NN"):
         assert name in table
-    assert table.count("/447") == 5
-    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 4
+    assert table.count("/447") == 6
+    assert len([p for p in runs.iterdir() if p.is_dir()]) == 5
 
 
 class AtChance(torch.nn.Module):
@@ -188,7 +191,7 @@ def test_cli_help_describes_every_flag_with_its_default(cli):
         assert undescribed == [], f"{name}: {undescribed}"
     result = cli("training", "digits", "--help")
     text = " ".join(result.stdout.split())  # argparse wraps lines
-    assert result.returncode == 0 and "(default: 1000)" in text and "(default: runs)" in text
+    assert result.returncode == 0 and "(default: 1000; photo-cnn 60)" in text and "(default: runs)" in text
 
 
 def test_cli_suggests_only_the_commands_own_flags(cli):

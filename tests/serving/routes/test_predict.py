@@ -15,6 +15,7 @@ from PIL import Image
 
 from bench.harness import png, png_chunk
 from serving import inference
+from serving.config import Config
 from tests.helpers import digit_png, in_process, metric, offline, synthetic_svhn
 
 VALID_DIGIT = png(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4, "L")
@@ -122,7 +123,7 @@ def bomb_png() -> bytes:
     ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "multipart/form-data, application/json or an image"),
     ({"json": {"model": "resnet", "pixels": [np.zeros((8, 8)).tolist()]}}, 404, "unknown model"),
     ({"json": {"model": "svhn-tiny", "pixels": [np.zeros((8, 8)).tolist()]}}, 422, "svhn"),
-    ({"files": {"file": ("x.png", b"\0" * (1 << 20 + 1))}}, 413, "limit"),
+    ({"files": {"file": ("x.png", b"\0" * (Config().max_payload_bytes + 1))}}, 413, "limit"),
     ({"files": {"file": ("bomb.png", bomb_png())}}, 413, "declares"),
 ])
 def test_bad_input(client, request_kwargs, status, message):
