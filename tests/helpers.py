@@ -153,6 +153,13 @@ def claim_fewer_errors(folder: Path) -> None:
     (folder / "model.json").write_text(json.dumps(manifest))
 
 
+def claim_other_calibration(folder: Path) -> None:
+    """Every hash matches, but the calibration record claims a temperature its figures were not measured at."""
+    manifest = json.loads((folder / "model.json").read_text())
+    manifest["calibration"]["temperature"] *= 1.5
+    (folder / "model.json").write_text(json.dumps(manifest))
+
+
 # --- a tiny SVHN-shaped export (trains: imports torch) ---
 
 def synthetic_svhn(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.harness import copy_committed
 from export_contract.publish import publish
 from serving import inference, lifecycle, verify
-from tests.helpers import build_svhn_export, claim_fewer_errors, flip_last_byte, in_process, tampered
+from tests.helpers import (build_svhn_export, claim_fewer_errors, claim_other_calibration, flip_last_byte, in_process,
+                           tampered)
 
 ZERO = {"pixels": [np.zeros((8, 8)).tolist()]}
 
@@ -60,6 +61,7 @@ def test_a_published_version_is_served_once_it_reproduces_its_test_figures(expor
 @pytest.mark.parametrize("change, reason", [
     (flip_last_byte, "model.onnx does not match the sha256 in its manifest"),
     (claim_fewer_errors, "its manifest claims"),
+    (claim_other_calibration, "its calibration figures are not the artifact's"),
 ])
 def test_a_version_that_fails_its_checks_is_rejected_and_the_previous_keeps_answering(exports, tmp_path, retrained,
                                                                                        change, reason):
@@ -81,7 +83,7 @@ def test_a_version_that_fails_its_checks_is_rejected_and_the_previous_keeps_answ
         assert reloads == {"served": 1, "rejected": 1}
         (rejected,) = [s.labels for s in samples if s.name == "digitserve_model_rejected" and s.value == 1]
         assert rejected == {"model": "digits-mlp", "version": version_of(retrained),
-                            "step": "export" if change is flip_last_byte else "metrics"}
+                            "step": {flip_last_byte: "export", claim_fewer_errors: "metrics"}.get(change, "calibration")}
         publish(retrained, exports, replace=True)  # a good version after a rejected one
         assert [e["event"] for e in reload(c)] == ["served"]
         assert answer(c)[1]["predictions"][0]["version"] == version_of(retrained)

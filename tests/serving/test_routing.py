@@ -101,6 +101,18 @@ def test_resize_sends_grey_images_to_the_grey_default_and_colour_ones_to_the_col
     assert routed.array.shape == (3, 32, 32)
 
 
+def test_resize_prefers_a_model_trained_on_photos_and_plain_uploads_keep_the_default():
+    photos = stub_model("photos", {**DIGITS_SPEC, "resized": True}, val_nll=0.3)
+    catalog = stub_catalog(stub_model("plain", DIGITS_SPEC, val_nll=0.1), photos)
+    sheet = np.full((120, 90), 255, np.uint8)
+    sheet[20:100, 44:47] = 0
+    routed = route_image(catalog, upload(sheet, "L"), None, invert=None, resize=True)
+    assert routed.model.name == "photos" and "trained on photos and drawings" in routed.reason
+    bitmap = np.zeros((8, 8), np.uint8)
+    assert route_image(catalog, upload(bitmap, "L"), None, invert=None, resize=False).model.name == "plain"
+    assert route_image(catalog, upload(sheet, "L"), "plain", invert=None, resize=True).model.name == "plain"
+
+
 def test_pixels_go_to_the_default_for_their_shape(catalog):
     routed = route_pixels(catalog, np.full((8, 8), 16).tolist(), None, invert=True)
     assert routed.model.name == "b" and routed.reason == "the default model for 8x8 grey arrays"

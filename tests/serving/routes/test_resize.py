@@ -2,10 +2,14 @@
 (serving/resize.py): the dataset's own digits recovered from enlarged scans on any paper, thin strokes
 kept, dots and blank images refused, grey and colour photos routed. Units on the preprocessing and
 requests in-process (FastAPI's TestClient)."""
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from bench.harness import png
+from serving import images as decoding
 from serving import resize
 from tests.helpers import offline
 
@@ -119,3 +123,17 @@ def test_resize_of_a_colour_photo_cuts_the_centre_square_for_svhn(client):
     prediction = answer.json()["predictions"][0]
     assert prediction["model"] == "svhn-tiny"
     assert np.array_equal(np.unique(np.reshape(prediction["model_input"], (-1, 3)), axis=0), [[255, 0, 0]])
+
+
+def test_a_phone_sized_jpeg_is_decoded_at_reduced_scale_and_answered(client, test_digits):
+    """A 12 MP photo (4000 x 3000) of a digit: decoded by the JPEG's own DCT at a fraction of its
+    pixels, never below what resize needs, and answered as the 8x8 digit it shows."""
+    digits, labels = test_digits
+    sheet = on_paper(digits[30], 300, 600, 1300, size=(3000, 4000))
+    photo = io.BytesIO()
+    Image.fromarray(sheet).convert("RGB").save(photo, "JPEG", quality=90)
+    decoded = decoding.decode(decoding.open_image(photo.getvalue()), resize.WORK_SIDE)
+    assert resize.WORK_SIDE <= min(decoded.size) and decoded.size[0] * decoded.size[1] <= 4000 * 3000 / 4
+    answer = client.post("/predict", params={"resize": "true"}, files={"file": ("phone.jpg", photo.getvalue())})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["predictions"][0]["label"] == labels[30]
