@@ -75,6 +75,20 @@ class Catalog:
         """The input `name` answers by default, if any."""
         return next((key for key, default in self.defaults.items() if default == name), None)
 
+    def answers(self, name: str) -> list[str]:
+        """What `name` answers unless a request names another model, and why (for /models and the page)."""
+        said = []
+        for key, default in self.defaults.items():
+            if default == name:
+                rivals = sum(input_key(m.manifest["input"]) == key for m in self.served.values()) - 1
+                said.append(f"{described(key)} images: " + ("the lowest validation NLL of the "
+                            f"{rivals + 1} models that take them" if rivals else "the only model that takes them"))
+        for colour, kind in ((GREY, "without colour (photos, scans, drawings)"), (COLOUR, "with colour")):
+            model = default_of_colour(self, colour)
+            if model is not None and model.name == name:
+                said.append(f"resize=true uploads {kind}{for_photos(model)}")
+        return said
+
     def accepted(self) -> str:
         return " or ".join(described(key) for key in self.defaults) or "none (no model is served)"
 

@@ -82,6 +82,8 @@ class ModelSummary(BaseModel):
     summary: str | None = None
     data: DataRecord | None = Field(None, description="what the model was trained and tested on")
     default_for: str | None = Field(None, description="the image size this model answers by default")
+    answers: list[str] | None = Field(None, description="what this model answers unless a request names another, "
+                                      "and why")
     input: dict | None = None
     device: str | None = Field(None, description="cuda | cpu: where this process runs the model")
     provider: str | None = Field(None, description="the ONNX Runtime execution provider, or the torch version")

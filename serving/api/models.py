@@ -34,7 +34,8 @@ def summary(service: Service, name: str, catalog: Catalog) -> dict:
              {"note": "exported before calibration existed: answers use its raw probabilities, 'unsure' below "
                       f"{calibration.UNCALIBRATED['confidence']['unsure_below']}, and it never says not_a_digit"})
     return {"name": name, "status": "ready", "task": m["task"], "version": m["version"], "summary": m.get("summary"),
-            "data": m.get("data"), "default_for": f"{key[2]}x{key[1]}" if key else None, "input": m["input"],
+            "data": m.get("data"), "default_for": f"{key[2]}x{key[1]}" if key else None,
+            "answers": catalog.answers(name), "input": m["input"],
             "device": served.runner.device, "provider": served.runner.provider,
             "test": Figures.recorded(m["metrics"]["test"]).as_dict(), "verified": served.verified,
             "best_epoch": m["metrics"]["best_epoch"] + 1, "epochs_run": m["metrics"]["epochs_run"],

@@ -111,6 +111,9 @@ def test_resize_prefers_a_model_trained_on_photos_and_plain_uploads_keep_the_def
     bitmap = np.zeros((8, 8), np.uint8)
     assert route_image(catalog, upload(bitmap, "L"), None, invert=None, resize=False).model.name == "plain"
     assert route_image(catalog, upload(sheet, "L"), "plain", invert=None, resize=True).model.name == "plain"
+    assert catalog.answers("plain") == ["8x8 grey images: the lowest validation NLL of the 2 models that take them"]
+    assert catalog.answers("photos") == ["resize=true uploads without colour (photos, scans, drawings), a model "
+                                         "trained on photos and drawings"]
 
 
 def test_pixels_go_to_the_default_for_their_shape(catalog):

@@ -34,6 +34,9 @@ def test_models_list_metrics_and_unavailable_reason(client, exports):
     assert cnn["best_epoch"] == manifest["metrics"]["best_epoch"] + 1  # counted from 1, as training says it
     assert cnn["input"]["dtype"] == "float32"
     assert models["svhn-tiny"]["default_for"] == "32x32"
+    assert cnn["answers"] == ["8x8 grey images: the lowest validation NLL of the 2 models that take them",
+                              "resize=true uploads without colour (photos, scans, drawings)"]
+    assert models["digits-mlp"]["answers"] == []
     assert models["digits-broken"]["status"] == "unavailable"
     assert "sha256" in models["digits-broken"]["reason"]
     assert models["digits-garbage"]["status"] == "unavailable"
