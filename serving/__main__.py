@@ -9,6 +9,7 @@ import sys
 from serving import config as settings
 from serving import metrics_files
 from serving.errors import StartupError
+from serving.request_ids import RequestIdFilter
 
 PROG = "python -m serving"
 
@@ -21,7 +22,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # digitserve's own lines from INFO (which model version each process serves, on which device);
     # the libraries' from WARNING.
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    # A line about a request carries its ID (serving/request_ids.py); other lines "-".
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s",
+                        level=logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())
     logging.getLogger("digitserve").setLevel(logging.INFO)
     # Every HTTP process counts into files here and /metrics sums them (prometheus_client's
     # multiprocess mode); it must be set before prometheus_client is first imported.

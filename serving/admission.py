@@ -27,9 +27,9 @@ class Admission:
         self.message = (f"the server is at capacity ({limit} requests in progress in this process); retry in "
                         f"{Overloaded.retry_after} s")
         body = json.dumps({"error": self.message}).encode()
-        head = (f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-                f"retry-after: {Overloaded.retry_after}\r\ncontent-length: {len(body)}\r\n")
-        self.answers = {True: f"{head}\r\n".encode() + body, False: f"{head}connection: close\r\n\r\n".encode() + body}
+        self.head = (f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                     f"retry-after: {Overloaded.retry_after}\r\ncontent-length: {len(body)}\r\nx-request-id: ").encode()
+        self.tails = {True: b"\r\n\r\n" + body, False: b"\r\nconnection: close\r\n\r\n" + body}
 
     def full(self) -> bool:
         return self.in_progress >= self.limit
@@ -40,8 +40,8 @@ class Admission:
             return True
         return False
 
-    def answer(self, keep_alive: bool) -> bytes:
-        return self.answers[keep_alive]
+    def answer(self, keep_alive: bool, request_id: str) -> bytes:
+        return self.head + request_id.encode() + self.tails[keep_alive]
 
     @asynccontextmanager
     async def body_room(self, declared: str | None):

@@ -36,6 +36,7 @@ from typing import Protocol
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from serving import request_ids
 from serving.config import Config
 
 UVICORN_CHECKED = "0.54.0"  # pyproject admits 0.54.x
@@ -63,7 +64,7 @@ class Door(Protocol):
     def refuses(self, method: bytes, path: bytes) -> bool:
         """The request is one that full() refuses (and is counted as refused)."""
 
-    def answer(self, keep_alive: bool) -> bytes:
+    def answer(self, keep_alive: bool, request_id: str) -> bytes:
         """The whole HTTP response of a refusal."""
 
 
@@ -164,7 +165,8 @@ def guarded_protocol(limits: Config, refused_counter, door: Door) -> type:
                 return
             self.shedding = False
             keep_alive = self.parser.should_keep_alive()
-            self.transport.write(door.answer(keep_alive))
+            supplied = [value for name, value in self.headers if name == request_ids.HEADER]
+            self.transport.write(door.answer(keep_alive, request_ids.usable(supplied[0] if len(supplied) == 1 else None)))
             if keep_alive:
                 self.on_response_complete()  # uvicorn's: the keep-alive timer, the next pipelined request
             else:
@@ -185,7 +187,8 @@ def guarded_protocol(limits: Config, refused_counter, door: Door) -> type:
             self.read_deadline.cancel()
             body = json.dumps({"error": message}).encode()
             self.transport.write(f"HTTP/1.1 {status} {PHRASES[status]}\r\ncontent-type: application/json\r\n"
-                                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body)
+                                 f"content-length: {len(body)}\r\nx-request-id: {request_ids.usable(None)}\r\n"
+                                 "connection: close\r\n\r\n".encode() + body)
             if self.transport.can_write_eof():
                 self.transport.write_eof()
             self.loop.call_later(REFUSAL_LINGER, self.close)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from export_contract import calibration
+from serving import answers
 from serving.backends import BACKENDS, BackendError
 from serving.registry import ModelEntry
 
@@ -80,7 +81,7 @@ def run_all(runner, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
 
 @dataclass
 class BatchResult:
-    outputs: list[list[tuple]]   # per request, per item: (log-probabilities (10,), score or None)
+    outputs: list[list[answers.Scored]]  # per request, per item
     images: int                  # images in the batch, all models together
     seconds: dict[str, float]    # model name -> time in its backend call
 
@@ -97,6 +98,6 @@ def predict(requests: list[list[tuple[ServedModel, np.ndarray]]]) -> BatchResult
         started = time.perf_counter()
         log_probs, scores = model.runner(np.stack([array for _, _, array in entries]))
         seconds[model.name] = seconds.get(model.name, 0.0) + time.perf_counter() - started
-        for k, (r, i, _) in enumerate(entries):
-            outputs[r][i] = (log_probs[k], None if scores is None else float(scores[k]))
+        for (r, i, _), item in zip(entries, answers.scored(model.calibration, log_probs, scores)):
+            outputs[r][i] = item
     return BatchResult(outputs, sum(len(items) for items in requests), seconds)

@@ -23,6 +23,8 @@ class PredictJSON(BaseModel):
 
 
 class Prediction(BaseModel):
+    id: str = Field(description="this prediction's ID, for /feedback and the logs: the request's X-Request-ID, "
+                    "or X-Request-ID/i for the i-th input of a request with several")
     input: str = Field(description="the upload's file name, or images[i] / pixels[i]")
     model: str
     version: str

@@ -26,7 +26,6 @@ from starlette.routing import Route
 from serving import api
 from serving.config import Config
 from serving.connections import guarded_protocol
-from serving.metrics import RequestMetrics
 from serving.processes import HttpProcesses, die_with_parent
 from serving.service import Service
 
@@ -63,7 +62,7 @@ def build(config: Config) -> tuple[ls.LitServer, Service, HttpProcesses]:
         IdleLitAPI(api_path=API_PATH),
         accelerator="cpu",  # LitServe's worker does nothing: no device of its own, no CUDA context
         healthcheck_path="/litserve/health", info_path="/litserve/info",  # ours are /health, /ready
-        middlewares=[(RequestMetrics, {"metrics": service.metrics})],
+        middlewares=api.middlewares(service),
         restart_workers=True,  # a killed LitServe worker is replaced rather than taking the server down
     )
     litserve_workarounds(server)

@@ -14,7 +14,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.harness import png
 from serving import api
 from serving.config import Config
-from serving.metrics import RequestMetrics
 from serving.service import Service
 
 # The SVHN export contract: RGB uint8 crops as the service receives them.
@@ -27,10 +26,11 @@ DIGITS_SPEC = {"shape": [None, 1, 8, 8], "dtype": "float32", "range": [0, 16], "
 
 def in_process(exports: Path, **settings) -> TestClient:
     """The digitserve app in this process, without LitServe (which forks processes): the same
-    routes, service and metrics middleware. Use as a context manager (it runs the lifespan)."""
+    routes, service and middleware. Use as a context manager (it runs the lifespan)."""
     service = Service(Config(exports=exports, **settings))
     app = FastAPI(docs_url=None, redoc_url=None)  # as in serving/server.py: /docs is digitserve's own
-    app.add_middleware(RequestMetrics, metrics=service.metrics)
+    for middleware, options in api.middlewares(service):
+        app.add_middleware(middleware, **options)
     api.install(app, service)
     return TestClient(app, raise_server_exceptions=False)
 

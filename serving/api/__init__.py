@@ -8,6 +8,8 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, FastAPI
 
 from serving.api import errors, models, operations, predict, v2
+from serving.metrics import RequestMetrics
+from serving.request_ids import RequestIds
 from serving.service import Service
 
 
@@ -19,6 +21,12 @@ async def lifespan(app: FastAPI):
         yield
     finally:
         await service.stop()
+
+
+def middlewares(service: Service) -> list[tuple[type, dict]]:
+    """The app's ASGI middleware, innermost first (as LitServe's `middlewares` and add_middleware take
+    them): the request ID outside the metrics, so that every answer carries it."""
+    return [(RequestMetrics, {"metrics": service.metrics}), (RequestIds, {})]
 
 
 def install(app: FastAPI, service: Service) -> None:

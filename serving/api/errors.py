@@ -39,8 +39,11 @@ async def client_gone(request: Request, err: ClientDisconnect) -> Response:
 
 
 async def unexpected_error(request: Request, err: Exception) -> JSONResponse:
-    """A bug: the client gets one JSON line; Starlette re-raises so that the server logs the traceback."""
-    return error_response(500, "internal error (logged by the server)")
+    """A bug: the client gets one JSON line and the request's ID (Starlette answers it outside the
+    middleware that adds it), then re-raises, so that the server logs the traceback with that ID."""
+    request_id = getattr(request.state, "request_id", None)
+    return error_response(500, "internal error (logged by the server)",
+                          {"X-Request-ID": request_id} if request_id else None)
 
 
 def install(app: FastAPI) -> None:

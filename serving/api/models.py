@@ -110,8 +110,8 @@ async def evaluate(name: str, request: Request):
 async def evaluated(service: Service, served, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Log-probabilities (and scores) of `x` through the batcher, as background work."""
     outputs, _ = await service.infer([(served, array) for array in x], background=True)
-    scores = None if outputs[0][1] is None else np.array([score for _, score in outputs])
-    return np.stack([log_probs for log_probs, _ in outputs]), scores
+    scores = None if outputs[0].score is None else np.array([item.score for item in outputs])
+    return np.stack([item.log_probs for item in outputs]), scores
 
 
 @router.post("/models/reload", response_model=schemas.ReloadResponse,

@@ -4,6 +4,7 @@ from fastapi import APIRouter, Request
 from serving import answers, images, schemas
 from serving.api.bodies import Options, read_request
 from serving.api.common import AUTH, service_of
+from serving.request_ids import prediction_ids
 from serving.routing import Routed
 
 PREDICT_BODY = {"requestBody": {"required": True, "content": {
@@ -34,15 +35,16 @@ async def predict(request: Request):
             routed = await service.prepare(inputs, options)
             request.state.model = routed[0].model.name
             outputs, batch_images = await service.infer([(r.model, r.array) for r in routed])
-    return {"predictions": [prediction(label, r, output, batch_images, options, kind == "bytes", service.metrics)
-                            for (label, kind, _), r, output in zip(inputs, routed, outputs)]}
+    ids = prediction_ids(request.state.request_id, len(inputs))
+    return {"predictions": [prediction(id_, label, r, output, batch_images, options, kind == "bytes", service.metrics)
+                            for id_, (label, kind, _), r, output in zip(ids, inputs, routed, outputs)]}
 
 
-def prediction(label: str, routed: Routed, output: tuple, batch_images: int, options: Options, uploaded: bool,
-               metrics) -> dict:
+def prediction(id_: str, label: str, routed: Routed, output: answers.Scored, batch_images: int, options: Options,
+               uploaded: bool, metrics) -> dict:
     """One input's answer, naming the version that gave it and why; what the model saw if asked."""
-    log_probs, score = output
-    return {"input": label, "model": routed.model.name, "version": routed.model.version, "routed": routed.reason,
-            **answers.answer(routed.model, log_probs, score, metrics, options.raw, options.unsure_below),
+    return {"id": id_, "input": label, "model": routed.model.name, "version": routed.model.version,
+            "routed": routed.reason,
+            **answers.answer(routed.model, output, metrics, options.raw, options.unsure_below),
             "batch_size": batch_images,
             **({"model_input": images.as_pixels(routed.array)} if options.model_input and uploaded else {})}

@@ -77,8 +77,8 @@ async def infer(name: str, request: Request):
     service = service_of(request)
     async with service.admission.admitted():
         outputs, _ = await service.infer([(model, row) for row in array])
-    log_probs = np.stack([row for row, _ in outputs]).astype(np.float32)
-    trusted = [answers.answer(model, row, score, service.metrics) for row, score in outputs]
+    log_probs = np.stack([item.log_probs for item in outputs]).astype(np.float32)
+    trusted = [answers.answer(model, item, service.metrics) for item in outputs]
     n = len(trusted)
     return {"model_name": name, "model_version": model.version, "id": infer_request.id,
             "outputs": [{"name": model.manifest["output"]["name"], "shape": list(log_probs.shape),

@@ -1,6 +1,7 @@
 """serving/admission.py: how many requests one HTTP process takes on, and how many large bodies (a
 phone's photo, up to --max-payload-bytes) it reads at once. Units, no server."""
 import asyncio
+import json
 from contextlib import AsyncExitStack
 
 import pytest
@@ -40,3 +41,14 @@ def test_requests_over_the_limit_are_refused_at_once_and_their_places_given_back
                     pass
         assert admission.in_progress == 0 and not admission.full()
     asyncio.run(scenario())
+
+
+def test_the_refusal_the_protocol_writes_is_a_whole_503_with_retry_after_and_the_request_id():
+    admission = Admission(limit=1, metrics=Metrics([]))
+    for keep_alive in (True, False):
+        head, body = admission.answer(keep_alive, "abc-1").split(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        assert lines[0] == b"HTTP/1.1 503 Service Unavailable" and b"x-request-id: abc-1" in lines
+        assert f"retry-after: {Overloaded.retry_after}".encode() in lines
+        assert f"content-length: {len(body)}".encode() in lines and json.loads(body)["error"] == admission.message
+        assert (b"connection: close" in lines) is not keep_alive

@@ -55,7 +55,7 @@ def test_no_batch_holds_more_than_max_batch_size_and_large_requests_are_answered
     assert max(len(batch) for batch in recorder.batches) <= 4  # a request of 10 was cut into parts
     assert sorted(value for batch in recorder.batches for value in batch) == [*range(10), 100, 101, 200, 201, 202]
     for (outputs, _), expected in zip(answers, [range(10), [100, 101], range(200, 203)]):
-        assert [float(log_probs[0]) for log_probs, _ in outputs] == list(expected)  # every image answered, in order
+        assert [float(item.log_probs[0]) for item in outputs] == list(expected)  # every image answered, in order
 
 
 def test_requests_are_batched_in_the_order_they_arrived():
@@ -119,4 +119,4 @@ def test_a_failing_model_fails_the_requests_of_its_batch_not_the_batcher():
         failed = await asyncio.gather(batcher.submit(items(bad, [1])), return_exceptions=True)
         return failed, await batcher.submit(items(model, [2]))
     (failure,), (outputs, _) = run(send)
-    assert isinstance(failure, RuntimeError) and float(outputs[0][0][0]) == 2
+    assert isinstance(failure, RuntimeError) and float(outputs[0].log_probs[0]) == 2

@@ -3,6 +3,7 @@ fake transport: its refusals (limits, a full process), answered without the appl
 limits on a real server over loopback: tests/serving/test_slow_clients.py."""
 import asyncio
 import json
+import re
 import tracemalloc
 
 import pytest
@@ -74,9 +75,9 @@ class Door:
             return True
         return False
 
-    def answer(self, keep_alive):
-        return b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n" + (b"" if keep_alive else
-                                                                               b"connection: close\r\n") + b"\r\n"
+    def answer(self, keep_alive, request_id):
+        return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nx-request-id: " + request_id.encode()
+                + b"\r\n" + (b"" if keep_alive else b"connection: close\r\n") + b"\r\n")
 
 
 def exchange(*chunks: bytes, full: bool = False) -> tuple[Transport, list, Counter, Door]:
@@ -123,6 +124,7 @@ def test_a_head_over_its_limits_is_answered_by_the_protocol_and_half_closed(chun
     assert transport.written.startswith(f"HTTP/1.1 {status}".encode()) and b"connection: close" in transport.written
     assert seen == [] and counter.counts == {reason: 1}
     assert transport.half_closed  # the client reads the answer; what it still sends is dropped
+    assert re.search(rb"\r\nx-request-id: [0-9a-f]{32}\r\n", transport.written)  # made here: the head was not read
 
 
 def test_heads_within_the_limits_reach_the_application():
@@ -135,6 +137,15 @@ def test_a_full_process_refuses_inference_at_the_door_and_keeps_the_connection()
     assert door.refused == 1 and seen == ["/health"]  # the refused request never reached the application
     first, second = transport.written.split(b"HTTP/1.1 ")[1:]
     assert first.startswith(b"503") and second.startswith(b"200") and transport.open_at_end
+
+
+@pytest.mark.parametrize("headers, echoed", [(b"X-Request-ID: order-17.a:b\r\n", True),
+                                              (b"X-Request-ID: has space\r\n", False),
+                                              (b"X-Request-ID: a\r\nX-Request-ID: b\r\n", False), (b"", False)])
+def test_a_refusal_at_the_door_carries_the_clients_request_id_or_a_new_one(headers, echoed):
+    transport, _, _, _ = exchange(PREDICT.replace(b"Host: x\r\n", b"Host: x\r\n" + headers), full=True)
+    (sent,) = re.findall(rb"\r\nx-request-id: ([^\r]*)\r\n", transport.written)
+    assert sent == b"order-17.a:b" if echoed else re.fullmatch(rb"[0-9a-f]{32}", sent)
 
 
 def test_a_refusal_without_keep_alive_closes():
