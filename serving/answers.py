@@ -4,7 +4,8 @@ decision ("digit", "unsure", "not_a_digit"), the candidate set, the probabilitie
 
 `scored` works on a whole backend call at once, in the inference thread: NumPy on one 10-value row
 costs as much as on a batch of them, and a request's answer is then only looked up. `answer` presents
-one, and counts it: answers by decision and confidence per model are the operator's drift signal.
+one, and counts it: answers by decision and confidence per model, and the inputs' brightness and ink,
+are the operator's drift signals.
 """
 from __future__ import annotations
 
@@ -31,17 +32,23 @@ class Scored:
     decision: int              # index into calibration.DECISIONS
     candidates: list[int]
     probabilities: list[float]  # `probs`, rounded for the answer
+    brightness: float          # the input's mean, as a share of the model's input range
+    ink: float                 # the share of the input's values above half that range
 
 
-def scored(record: dict, log_probs: np.ndarray, scores: np.ndarray | None) -> list[Scored]:
+def scored(model: ServedModel, inputs: np.ndarray, log_probs: np.ndarray, scores: np.ndarray | None) -> list[Scored]:
     """Every row of one backend call, calibrated together."""
+    record = model.calibration
+    low, high = model.manifest["input"]["range"]
+    shares = (inputs.reshape(len(inputs), -1).astype(np.float32) - low) / (high - low)
+    brightness, ink = shares.mean(axis=1).tolist(), (shares > 0.5).mean(axis=1).tolist()
     probs = calibration.probabilities(log_probs, record["temperature"])
     decided = calibration.decisions(probs, scores, record).tolist()
     labels, confidences = probs.argmax(axis=1).tolist(), np.round(probs.max(axis=1), 6).tolist()
     shown = np.round(probs, 6).tolist()
     score_list = [None] * len(probs) if scores is None else np.asarray(scores, dtype=np.float64).tolist()
-    return [Scored(log_probs[i], score_list[i], probs[i], labels[i], confidences[i], decided[i], candidates, shown[i])
-            for i, candidates in enumerate(calibration.candidates(probs, record))]
+    return [Scored(log_probs[i], score_list[i], probs[i], labels[i], confidences[i], decided[i], candidates, shown[i],
+                   brightness[i], ink[i]) for i, candidates in enumerate(calibration.candidates(probs, record))]
 
 
 def answer(model: ServedModel, item: Scored, metrics: Metrics, raw: bool = False,
@@ -53,7 +60,9 @@ def answer(model: ServedModel, item: Scored, metrics: Metrics, raw: bool = False
         scores = None if item.score is None else np.array([item.score])
         decision = int(calibration.decisions(item.probs[None], scores, model.calibration, unsure_below)[0])
     metrics.answers.labels(model.name, model.version, calibration.DECISIONS[decision]).inc()
-    metrics.confidence.labels(model.name).observe(item.confidence)
+    metrics.confidence.labels(model.name, model.version).observe(item.confidence)
+    metrics.brightness.labels(model.name).observe(item.brightness)
+    metrics.ink.labels(model.name).observe(item.ink)
     probabilities = (np.round(calibration.probabilities(item.log_probs[None], 1.0)[0], 6).tolist() if raw
                      else item.probabilities)
     return {"label": item.label, "confidence": item.confidence, "decision": calibration.DECISIONS[decision],

@@ -36,6 +36,12 @@ class Config:
     max_header_bytes: int = 32 << 10  # browsers' cookies stay far below; nginx's default buffers hold 32 KB
     data_dir: Path | None = None  # SVHN-layout test files named by manifests, for /evaluate
     reload_interval: float = 5.0
+    prediction_log: Path | None = None  # folder of the prediction log and the feedback store; None: neither
+    prediction_sample: float = 1.0
+    log_inputs: str = "none"
+    prediction_log_mb: int = 100
+    prediction_log_files: int = 10
+    feedback_days: float = 7.0
     api_key: str | None = None  # only from DIGITSERVE_API_KEY: a flag would show in `ps`
 
 
@@ -56,16 +62,26 @@ def integer(low: int, high: int | None = None):
     return check
 
 
-def seconds(low: float, high: float):
+def number(low: float, high: float, unit: str = "seconds"):
     def check(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be {low:g}..{high:g} seconds, got {text}")
+            raise argparse.ArgumentTypeError(f"must be {low:g}..{high:g} {unit}, got {text}")
         return value
     return check
+
+
+def share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
+    return value
 
 
 def folder(text: str) -> Path:
@@ -75,7 +91,7 @@ def folder(text: str) -> Path:
 
 
 def reload_interval(text: str) -> float:
-    value = seconds(0, 3600)(text)
+    value = number(0, 3600)(text)
     if 0 < value < 0.5:  # a look reads every model folder's file list
         raise argparse.ArgumentTypeError(f"must be 0 (no polling) or 0.5..3600 seconds, got {text}")
     return value
@@ -101,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: the GPU when one is usable")
     p.add_argument("--max-batch-size", type=integer(1, 4096), default=defaults.max_batch_size,
                    help="images batched into one inference call")
-    p.add_argument("--batch-timeout", type=seconds(0, 1), default=defaults.batch_timeout,
+    p.add_argument("--batch-timeout", type=number(0, 1), default=defaults.batch_timeout,
                    help="extra seconds a batch waits to fill (0: it holds what arrived while the previous one ran)")
     p.add_argument("--workers", type=integer(1, 256), default=defaults.workers,
                    help="HTTP processes, each with its own warm models and batcher")
@@ -111,9 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inference requests in progress per HTTP process; beyond it they get 503 at once")
     p.add_argument("--max-connections", type=integer(1), default=defaults.max_connections,
                    help="open connections per HTTP process; beyond it requests get 503")
-    p.add_argument("--read-timeout", type=seconds(0.1, 600), default=defaults.read_timeout,
+    p.add_argument("--read-timeout", type=number(0.1, 600), default=defaults.read_timeout,
                    help="seconds a request may take to arrive whole (headers and body); then 408")
-    p.add_argument("--send-timeout", type=seconds(0.1, 600), default=defaults.send_timeout,
+    p.add_argument("--send-timeout", type=number(0.1, 600), default=defaults.send_timeout,
                    help="seconds a client may leave an answer untaken (its buffers full) before its connection is "
                         "aborted")
     p.add_argument("--max-url-bytes", type=integer(256, 1 << 20), default=defaults.max_url_bytes,
@@ -128,6 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=folder, default=defaults.data_dir,
                    help="folder holding the test files (test_32x32.mat) that models trained on SVHN name, for "
                         "/models/NAME/evaluate (MD5-checked; needs digitserve[svhn])")
+    p.add_argument("--prediction-log", type=Path, default=defaults.prediction_log,
+                   help="folder for a JSON-lines log of predictions (rotated by size) and the store that POST "
+                        "/feedback needs; off when not given")
+    p.add_argument("--prediction-sample", type=share, default=defaults.prediction_sample,
+                   help="share of predictions logged (0 < share <= 1); only logged ones take feedback")
+    p.add_argument("--log-inputs", choices=["none", "model", "upload"], default=defaults.log_inputs,
+                   help="also log the array the model took (model), and the uploaded bytes (upload)")
+    p.add_argument("--prediction-log-mb", type=integer(1, 1 << 20), default=defaults.prediction_log_mb,
+                   help="megabytes a log file reaches before it is rotated")
+    p.add_argument("--prediction-log-files", type=integer(1, 1000), default=defaults.prediction_log_files,
+                   help="rotated files kept per HTTP process")
+    p.add_argument("--feedback-days", type=number(0.001, 3650, "days"), default=defaults.feedback_days,
+                   help="days a logged prediction takes feedback")
     for action in p._actions:
         if action.dest != "help":
             action.help = f"{action.help or ''} [{env_name(action.dest)}]".strip()

@@ -34,6 +34,20 @@ class ModelUnavailable(ServiceError):
     status = 503
 
 
+class PredictionNotFound(ServiceError):
+    """/feedback for an ID the prediction log does not hold (never logged, or past the window)."""
+    status = 404
+
+
+class FeedbackConflict(ServiceError):
+    """/feedback for a prediction already told its true label."""
+    status = 409
+
+
+class ServiceUnavailable(ServiceError):
+    status = 503
+
+
 class Overloaded(ServiceError):
     """The process is at --max-queue: 503 with Retry-After."""
     status = 503

@@ -96,8 +96,9 @@ def predict(requests: list[list[tuple[ServedModel, np.ndarray]]]) -> BatchResult
     seconds = {}
     for model, entries in by_model.items():
         started = time.perf_counter()
-        log_probs, scores = model.runner(np.stack([array for _, _, array in entries]))
+        inputs = np.stack([array for _, _, array in entries])
+        log_probs, scores = model.runner(inputs)
         seconds[model.name] = seconds.get(model.name, 0.0) + time.perf_counter() - started
-        for (r, i, _), item in zip(entries, answers.scored(model.calibration, log_probs, scores)):
+        for (r, i, _), item in zip(entries, answers.scored(model, inputs, log_probs, scores)):
             outputs[r][i] = item
     return BatchResult(outputs, sum(len(items) for items in requests), seconds)

@@ -10,6 +10,7 @@ import time
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
                                multiprocess)
+from prometheus_client.core import GaugeMetricFamily
 
 from serving import metrics_files
 
@@ -19,6 +20,7 @@ METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CONFIDENCE_BUCKETS = (0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
+SHARE_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 class Metrics:
@@ -46,8 +48,19 @@ class Metrics:
         self.answers = Counter("digitserve_answers", "Answers by decision (digit, unsure, not_a_digit), per model and "
                                "version: the share of each, over time, is a drift signal.",
                                ["model", "version", "decision"], registry=r)
-        self.confidence = Histogram("digitserve_answer_confidence", "Calibrated confidence of each answer, per model.",
-                                    ["model"], buckets=CONFIDENCE_BUCKETS, registry=r)
+        self.confidence = Histogram("digitserve_answer_confidence", "Calibrated confidence of each answer, per model "
+                                    "and version.", ["model", "version"], buckets=CONFIDENCE_BUCKETS, registry=r)
+        self.brightness = Histogram("digitserve_input_brightness", "Mean value of each input the model took, as a "
+                                    "share of its range (0 black .. 1 white), per model: a drift signal.", ["model"],
+                                    buckets=SHARE_BUCKETS, registry=r)
+        self.ink = Histogram("digitserve_input_ink", "Share of each input's values above half its range (the ink of "
+                             "a digit, the bright pixels of a photo), per model: a drift signal.", ["model"],
+                             buckets=SHARE_BUCKETS, registry=r)
+        self.feedback = Counter("digitserve_feedback", "True labels told through POST /feedback, by model, version "
+                                "and whether the prediction was right.", ["model", "version", "right"], registry=r)
+        self.log_dropped = Counter("digitserve_prediction_log_dropped", "Prediction-log lines not written, by reason: "
+                                   "queue_full (the disk is slow or stuck), write_failed and index_failed (a full or "
+                                   "broken disk); prune_failed counts failed clean-ups.", ["reason"], registry=r)
         self.queue_images = Gauge("digitserve_queue_images", "Images waiting in the batcher queues now.",
                                   multiprocess_mode="livesum", registry=r)
         self.refused = Counter("digitserve_http_refused", "Requests the HTTP protocol answered itself, by reason: "
@@ -78,12 +91,33 @@ class Metrics:
         self.requests.labels(self.model_label(model), route, method if method in METHODS else OTHER, str(status)).inc()
         self.request_seconds.labels(route).observe(seconds)
 
-    def render(self) -> bytes:
+    def render(self, live: dict[tuple[str, str], tuple[int, int]] | None = None) -> bytes:
+        """The exposition text; `live`: (model, version) -> (answers told, right) from the feedback
+        store, read for this scrape (it is shared by the processes, not counted in their files)."""
         if metrics_files.folder():
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
-            return generate_latest(registry)
-        return generate_latest(self.registry)
+        else:
+            registry = self.registry
+        return generate_latest(registry) + (b"" if live is None else generate_latest(LiveAccuracy(live)))
+
+
+class LiveAccuracy:
+    """A collector (and a registry of one, for generate_latest) of the feedback store's counts."""
+
+    def __init__(self, live: dict[tuple[str, str], tuple[int, int]]):
+        self.live = live
+
+    def collect(self):
+        accuracy = GaugeMetricFamily("digitserve_live_accuracy", "Share of right answers among the predictions "
+                                     "told their true label (POST /feedback) and still in the feedback window, per "
+                                     "model and version.", labels=["model", "version"])
+        told = GaugeMetricFamily("digitserve_live_told", "Predictions told their true label and still in the "
+                                 "feedback window, per model and version.", labels=["model", "version"])
+        for (model, version), (count, right) in sorted(self.live.items()):
+            accuracy.add_metric([model, version], right / count)
+            told.add_metric([model, version], count)
+        yield from (accuracy, told)
 
 
 class RequestMetrics:

@@ -1,7 +1,9 @@
 """Request and response bodies: the Pydantic models behind validation and the OpenAPI document."""
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+FEEDBACK_ID_CHARS = 140  # a request ID (128) and "/255"
 
 
 class PredictJSON(BaseModel):
@@ -151,3 +153,18 @@ class V2InferResponse(BaseModel):
 
 
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 422, 503)}
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=FEEDBACK_ID_CHARS, description="the prediction's `id` from /predict")
+    label: StrictInt = Field(ge=0, le=9, description="the digit the input really shows")
+
+
+class FeedbackResponse(BaseModel):
+    id: str
+    model: str
+    version: str
+    label: int = Field(description="what the model answered")
+    truth: int = Field(description="what the input really shows, as told")
+    right: bool

@@ -11,6 +11,8 @@ process then loads, warms and verifies its own versions of the models and starts
 import asyncio
 import hmac
 import os
+import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -21,10 +23,13 @@ from serving.admission import Admission
 from serving.backends import BACKENDS, BackendError
 from serving.batcher import DynamicBatcher
 from serving.config import Config
-from serving.errors import InputError, StartupError, Unauthorized
+from serving.errors import (FeedbackConflict, InputError, PredictionNotFound, ServiceUnavailable, StartupError,
+                            Unauthorized)
+from serving.feedback_store import AlreadyTold, FeedbackStore, UnknownPrediction
 from serving.inference import LoadError, ServedModel, load_runner
 from serving.lifecycle import Lifecycle
 from serving.metrics import Metrics
+from serving.prediction_log import PredictionLog
 from serving.routing import Catalog, Routed
 
 
@@ -73,6 +78,12 @@ class Service:
         self.decoders: ThreadPoolExecutor | None = None
         self.admission = Admission(config.max_queue, self.metrics)
         self.evaluating = asyncio.Lock()  # one /evaluate at a time: it is background work
+        self.prediction_log = self.feedback = self.feedback_thread = None
+        if config.prediction_log is not None:
+            self.prediction_log = PredictionLog(config.prediction_log, config.prediction_sample, config.log_inputs,
+                                                config.prediction_log_mb << 20, config.prediction_log_files,
+                                                config.feedback_days, self.metrics)
+            open_feedback_store(config).close()  # here, so that an unusable folder stops the start-up
         self.notify_other_processes = None  # set by serving/server.py: asks every HTTP process to reload
 
     @property
@@ -90,6 +101,10 @@ class Service:
         self.decoders = ThreadPoolExecutor(max_workers=decoder_threads(), thread_name_prefix="decode")
         self.batcher = DynamicBatcher(self.metrics, self.config.max_batch_size, self.config.batch_timeout)
         self.batcher.start()
+        if self.prediction_log is not None:
+            self.prediction_log.start()
+            self.feedback_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feedback")
+            self.feedback = await self.in_feedback_thread(open_feedback_store, self.config)
 
     async def stop(self) -> None:
         self.lifecycle.stop()
@@ -97,6 +112,11 @@ class Service:
             await self.batcher.stop()
         if self.decoders is not None:
             self.decoders.shutdown(wait=False, cancel_futures=True)
+        if self.prediction_log is not None:
+            await asyncio.to_thread(self.prediction_log.stop)
+        if self.feedback is not None:
+            self.feedback_thread.submit(self.feedback.close)
+            self.feedback_thread.shutdown(wait=True)
         if metrics_files.folder():
             multiprocess.mark_process_dead(os.getpid())  # its live gauges (queue depth) leave the totals
 
@@ -163,3 +183,47 @@ class Service:
         for model in {model for model, _ in items}:
             self.metrics.images.labels(model.name, model.version).inc(sum(1 for m, _ in items if m is model))
         return log_probs, batch_images
+
+    # --- feedback (with --prediction-log) ---
+
+    async def in_feedback_thread(self, function, *args):
+        """The feedback store's SQLite connection is used by its one thread, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.feedback_thread, function, *args)
+
+    async def tell(self, prediction_id: str, truth: int) -> tuple[str, str, int]:
+        """Record a logged prediction's true label: (model, version, predicted label). Counted, and
+        written to the log beside the prediction."""
+        if self.feedback is None:
+            raise PredictionNotFound("feedback needs the prediction log: start the server with --prediction-log DIR")
+        try:
+            model, version, label = await self.in_feedback_thread(self.feedback.tell, prediction_id, truth)
+        except UnknownPrediction:
+            raise PredictionNotFound(f"no logged prediction {prediction_id!r} within the last "
+                                     f"{self.config.feedback_days:g} days") from None
+        except AlreadyTold:
+            raise FeedbackConflict(f"prediction {prediction_id!r} already has its true label") from None
+        except sqlite3.Error as err:
+            raise ServiceUnavailable(f"the feedback store cannot take it now ({err}); try again") from None
+        self.metrics.feedback.labels(model, version, str(label == truth).lower()).inc()
+        self.prediction_log.put({"type": "feedback", "at": time.time(), "id": prediction_id, "model": model,
+                                 "version": version, "label": label, "truth": truth})
+        return model, version, label
+
+    async def live_accuracy(self) -> dict[tuple[str, str], tuple[int, int]] | None:
+        """(model, version) -> (answers told, right), or None without a feedback store (or when it cannot
+        be read now)."""
+        if self.feedback is None:
+            return None
+        try:
+            return await self.in_feedback_thread(self.feedback.live_accuracy)
+        except sqlite3.Error:
+            return None
+
+
+def open_feedback_store(config: Config) -> FeedbackStore:
+    """The prediction log's folder (made if missing) and its feedback store; StartupError if unusable."""
+    try:
+        config.prediction_log.mkdir(parents=True, exist_ok=True)
+        return FeedbackStore(config.prediction_log, config.feedback_days)
+    except (OSError, sqlite3.Error) as err:
+        raise StartupError(f"--prediction-log {config.prediction_log}: cannot keep the log there ({err})") from None

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
 
-from serving.api import errors, models, operations, predict, v2
+from serving.api import errors, feedback, models, operations, predict, v2
 from serving.metrics import RequestMetrics
 from serving.request_ids import RequestIds
 from serving.service import Service
@@ -37,6 +37,6 @@ def install(app: FastAPI, service: Service) -> None:
     # a path with a trailing slash is simply not a route.
     app.router.redirect_slashes = False
     app.include_router(APIRouter(lifespan=lifespan))
-    for router in (operations.router, predict.router, models.router, v2.router):
+    for router in (operations.router, predict.router, feedback.router, models.router, v2.router):
         app.include_router(router)
     errors.install(app)

@@ -67,21 +67,25 @@ def options(fields, where: str) -> dict:
     return values
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 from its declared length, or as soon as it passes the limit."""
+async def read_body(request: Request, limit: int, images: bool = True) -> bytes:
+    """The request body, refused with 413 from its declared length, or as soon as it passes the limit.
+    `images`: the limit is --max-payload-bytes, and the message says how to raise it."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise InputError(f"payload of {declared} bytes exceeds the limit of {limit} bytes: send a smaller image, or "
-                         f"start the server with --max-payload-bytes {declared} or more (DIGITSERVE_MAX_PAYLOAD_BYTES)",
-                         413)
+        raise too_large(f"payload of {declared} bytes exceeds the limit of {limit} bytes",
+                        f"--max-payload-bytes {declared} or more", images)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise InputError(f"payload exceeds the limit of {limit} bytes: send a smaller image, or start the server "
-                             "with a larger --max-payload-bytes (DIGITSERVE_MAX_PAYLOAD_BYTES)", 413)
+            raise too_large(f"payload exceeds the limit of {limit} bytes", "a larger --max-payload-bytes", images)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def too_large(message: str, flag: str, images: bool) -> InputError:
+    advice = f": send a smaller image, or start the server with {flag} (DIGITSERVE_MAX_PAYLOAD_BYTES)" if images else ""
+    return InputError(message + advice, 413)
 
 
 def parse_share(value: str | None, name: str) -> float | None:

@@ -61,8 +61,18 @@ async def get_model(name: str, request: Request):
     if name in catalog.unavailable:
         return {**summary(service, name, catalog), **history}
     served = catalog.model(name)  # 404 for a name no folder ever had: nothing is kept of it
-    return {**summary(service, name, catalog), "manifest": served.manifest, "curves_url": f"/models/{name}/curves.png",
-            **history}
+    return {**summary(service, name, catalog), "live": await live(service, name), "manifest": served.manifest,
+            "curves_url": f"/models/{name}/curves.png", **history}
+
+
+async def live(service: Service, name: str) -> dict:
+    """Accuracy on real traffic, beside the test figures: from the true labels told through /feedback."""
+    counts = await service.live_accuracy()
+    if counts is None:
+        return {"note": "no feedback store: start the server with --prediction-log DIR to take POST /feedback"}
+    versions = {version: {"told": told, "right": right, "accuracy": right / told}
+                for (model, version), (told, right) in sorted(counts.items()) if model == name}
+    return {"feedback_days": service.config.feedback_days, "versions": versions}
 
 
 @router.get("/models/{name}/curves.png", responses=schemas.ERROR_RESPONSES, response_class=Response,

@@ -37,7 +37,8 @@ async def ready(request: Request):
 
 @router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics of the whole server")
 async def metrics(request: Request):
-    return Response(service_of(request).metrics.render(), media_type=CONTENT_TYPE)
+    service = service_of(request)
+    return Response(service.metrics.render(await service.live_accuracy()), media_type=CONTENT_TYPE)
 
 
 @router.get("/", include_in_schema=False)

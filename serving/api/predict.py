@@ -1,4 +1,6 @@
 """POST /predict: one or several images (or pixel arrays) in, one answer per input out."""
+import time
+
 from fastapi import APIRouter, Request
 
 from serving import answers, images, schemas
@@ -28,7 +30,7 @@ async def predict(request: Request):
     `invert`, `resize`, `model_input`, `raw`, `unsure_below` as query parameters, form fields or JSON
     fields. Each input goes to the model that takes its size and colour (its answer says why), unless
     `model` names one; each answer says how far to trust it (confidence, decision, candidates)."""
-    service = service_of(request)
+    service, started = service_of(request), time.perf_counter()
     async with service.admission.body_room(request.headers.get("content-length")):
         inputs, options = await read_request(request, service.config.max_payload_bytes)
         async with service.admission.admitted():
@@ -36,8 +38,13 @@ async def predict(request: Request):
             request.state.model = routed[0].model.name
             outputs, batch_images = await service.infer([(r.model, r.array) for r in routed])
     ids = prediction_ids(request.state.request_id, len(inputs))
-    return {"predictions": [prediction(id_, label, r, output, batch_images, options, kind == "bytes", service.metrics)
-                            for id_, (label, kind, _), r, output in zip(ids, inputs, routed, outputs)]}
+    predictions = [prediction(id_, label, r, output, batch_images, options, kind == "bytes", service.metrics)
+                   for id_, (label, kind, _), r, output in zip(ids, inputs, routed, outputs)]
+    if service.prediction_log is not None:
+        service.prediction_log.record(request.state.request_id, predictions,
+                                      [value if kind == "bytes" else None for _, kind, value in inputs],
+                                      [r.array for r in routed], started)
+    return {"predictions": predictions}
 
 
 def prediction(id_: str, label: str, routed: Routed, output: answers.Scored, batch_images: int, options: Options,

@@ -1,5 +1,7 @@
 """The Open Inference Protocol (KServe v2) REST subset: server and model metadata, health,
 readiness and infer, for clients and platforms (KServe, Triton tooling) that speak it."""
+import time
+
 import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
@@ -9,6 +11,7 @@ from serving.api.bodies import read_body
 from serving.api.common import AUTH, error_response, service_of
 from serving.errors import InputError
 from serving.inference import ServedModel
+from serving.request_ids import prediction_ids
 from serving.service import MAX_IMAGES_PER_REQUEST
 
 DATATYPES = {"FP32": np.float32, "UINT8": np.uint8}
@@ -62,7 +65,7 @@ async def model_ready(name: str, request: Request):
              responses=schemas.ERROR_RESPONSES, openapi_extra=INFER_BODY,
              summary="Infer on an FP32 or UINT8 tensor N x C x H x W (row-major data)")
 async def infer(name: str, request: Request):
-    model = served(request, name)
+    model, started = served(request, name), time.perf_counter()
     request.state.model = name
     body = await read_body(request, service_of(request).config.max_payload_bytes)
     try:
@@ -78,8 +81,11 @@ async def infer(name: str, request: Request):
     async with service.admission.admitted():
         outputs, _ = await service.infer([(model, row) for row in array])
     log_probs = np.stack([item.log_probs for item in outputs]).astype(np.float32)
-    trusted = [answers.answer(model, item, service.metrics) for item in outputs]
-    n = len(trusted)
+    n, request_id = len(outputs), request.state.request_id
+    trusted = [{"id": id_, "model": name, "version": model.version, **answers.answer(model, item, service.metrics)}
+               for id_, item in zip(prediction_ids(request_id, n), outputs)]
+    if service.prediction_log is not None:
+        service.prediction_log.record(request_id, trusted, [None] * n, list(array), started)
     return {"model_name": name, "model_version": model.version, "id": infer_request.id,
             "outputs": [{"name": model.manifest["output"]["name"], "shape": list(log_probs.shape),
                          "datatype": "FP32", "data": log_probs.ravel().tolist()},
@@ -87,7 +93,9 @@ async def infer(name: str, request: Request):
                         {"name": "confidence", "shape": [n], "datatype": "FP32", "data": [a["confidence"] for a in trusted]},
                         {"name": "decision", "shape": [n], "datatype": "BYTES", "data": [a["decision"] for a in trusted]},
                         {"name": "candidates", "shape": [n], "datatype": "BYTES",
-                         "data": [",".join(map(str, a["candidates"])) for a in trusted]}]}
+                         "data": [",".join(map(str, a["candidates"])) for a in trusted]},
+                        # each row's prediction ID, for /feedback
+                        {"name": "id", "shape": [n], "datatype": "BYTES", "data": [a["id"] for a in trusted]}]}
 
 
 def tensor_array(tensor: schemas.V2Tensor, spec: dict) -> np.ndarray:

@@ -1,5 +1,11 @@
-"""What the real-server tests of this folder share: the committed digits models in a folder of their
-own. Modules that need other exports (tampered, retrained, in-process) define their own `exports`."""
+"""What the serving tests share: the committed digits models in a folder of their own (modules that
+need other exports, tampered, retrained, in-process, define their own `exports`), and a small
+filesystem that fills up."""
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from bench.harness import copy_committed
@@ -10,3 +16,19 @@ def exports(tmp_path_factory):
     folder = tmp_path_factory.mktemp("exports")
     copy_committed(folder, "digits-mlp", "digits-cnn")
     return folder
+
+
+@pytest.fixture
+def small_tmpfs():
+    """A 32 MB filesystem for TMPDIR (root only: elsewhere the test is skipped). A short path: the
+    server's multiprocessing manager binds a Unix socket under it."""
+    mount = Path(tempfile.mkdtemp(prefix="ds-", dir="/tmp"))
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        mount.rmdir()
+        pytest.skip("needs to mount a tmpfs (root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+        mount.rmdir()

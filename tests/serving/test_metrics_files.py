@@ -42,22 +42,6 @@ def test_prometheus_client_uses_the_reserved_files(tmp_path):
     assert set(sizes) == set(metrics_files.KINDS) and set(sizes.values()) == {metrics_files.RESERVED_BYTES}
 
 
-@pytest.fixture
-def small_tmpfs():
-    """A 32 MB filesystem for TMPDIR (root only: elsewhere the test is skipped). A short path: the
-    server's multiprocessing manager binds a Unix socket under it."""
-    mount = Path(tempfile.mkdtemp(prefix="ds-", dir="/tmp"))
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
-        mount.rmdir()
-        pytest.skip("needs to mount a tmpfs (root)")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-        mount.rmdir()
-
-
 def fill(folder: Path, leave: int = 0) -> None:
     """Fill the filesystem, then free `leave` bytes."""
     with open(folder / "filler", "wb", buffering=0) as f:

@@ -14,9 +14,10 @@ def test_v2_metadata_and_infer_round_trip(client, exports, test_digits):
     x = images[:4, None].astype(np.float32)
     request = {"id": "req-42", "inputs": [{"name": "pixels", "shape": [4, 1, 8, 8], "datatype": "FP32",
                                            "data": x.ravel().tolist()}]}
-    body = client.post("/v2/models/digits-cnn/infer", json=request).json()
+    body = client.post("/v2/models/digits-cnn/infer", json=request, headers={"X-Request-ID": "r1"}).json()
     assert body["id"] == "req-42" and body["model_name"] == "digits-cnn"
-    output, confidence, decision, candidates = body["outputs"]
+    output, confidence, decision, candidates, ids = body["outputs"]
+    assert ids["data"] == ["r1/0", "r1/1", "r1/2", "r1/3"]  # each row's prediction ID, for /feedback
     assert output["shape"] == [4, 10] and output["datatype"] == "FP32"
     log_probs = np.asarray(output["data"]).reshape(4, 10)
     assert np.allclose(np.exp(log_probs), offline(exports, "digits-cnn", x, calibrated=False), atol=1e-5)
