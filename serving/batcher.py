@@ -26,6 +26,7 @@ import numpy as np
 
 from serving import inference
 from serving.metrics import Metrics
+from serving.tracing import Tracing
 
 BACKGROUND_PART = 32  # images: a background part costs a prediction that shares its batch little
 BACKGROUND_SHARE = 0.1  # of the batcher's time, while requests arrive
@@ -46,12 +47,15 @@ class Part:
     offset: int
     items: list  # (ServedModel, C x H x W array), at most max_batch_size of them
     background: bool
+    trace: object = None  # the request span's context, when tracing is on
     queued_at: float = field(default_factory=time.perf_counter)
+    queued_ns: int = field(default_factory=time.time_ns)
 
 
 class DynamicBatcher:
-    def __init__(self, metrics: Metrics, max_batch_size: int, batch_timeout: float):
-        self.metrics = metrics
+    def __init__(self, metrics: Metrics, max_batch_size: int, batch_timeout: float,
+                 tracing: Tracing | None = None):
+        self.metrics, self.tracing = metrics, tracing
         self.max_batch_size, self.batch_timeout = max_batch_size, batch_timeout
         self.waiting: deque[Part] = deque()
         self.background: deque[Part] = deque()
@@ -78,8 +82,8 @@ class DynamicBatcher:
     def ready(self) -> bool:
         return self.task is not None and not self.task.done()
 
-    async def submit(self, items: list[tuple[inference.ServedModel, np.ndarray]],
-                     background: bool = False) -> tuple[list[np.ndarray], int]:
+    async def submit(self, items: list[tuple[inference.ServedModel, np.ndarray]], background: bool = False,
+                     trace=None) -> tuple[list[np.ndarray], int]:
         """Queue one request's images; resolves to (per image: its log-probabilities and score, the
         most images an inference call of it held)."""
         request = Request(asyncio.get_running_loop().create_future(), [None] * len(items), 0)
@@ -87,7 +91,7 @@ class DynamicBatcher:
                        else (self.waiting, self.max_batch_size))
         self.requests_arrived |= not background
         for offset in range(0, len(items), size):
-            queue.append(Part(request, offset, items[offset:offset + size], background))
+            queue.append(Part(request, offset, items[offset:offset + size], background, trace))
             request.parts_left += 1
         self.metrics.queue_images.inc(len(items))
         self.arrived.set()
@@ -136,6 +140,7 @@ class DynamicBatcher:
         for part in batch:
             for name in {model.name for model, _ in part.items}:
                 self.metrics.queue_seconds.labels(name).observe(started - part.queued_at)
+        started_ns = time.time_ns()
         try:
             result = await asyncio.to_thread(inference.predict, [part.items for part in batch])
         except Exception as err:  # a backend failure fails this batch's requests, not the batcher
@@ -143,6 +148,8 @@ class DynamicBatcher:
                 if not part.request.future.done():
                     part.request.future.set_exception(err)
             return
+        if self.tracing is not None:
+            self.traced(batch, result, started_ns)
         self.metrics.batch_size.observe(result.images)
         background = sum(len(part.items) for part in batch if part.background)
         if background:  # its share of this batch's time
@@ -157,3 +164,14 @@ class DynamicBatcher:
             request.parts_left -= 1
             if request.parts_left == 0 and not request.future.done():  # the client may have gone away
                 request.future.set_result((request.outputs, request.batch_images))
+
+    def traced(self, batch: list[Part], result: inference.BatchResult, started_ns: int) -> None:
+        """Each request's wait in the queue, and the batch's inference linked to them."""
+        for part in batch:
+            if part.trace is not None:
+                self.tracing.waited(part.trace, part.queued_ns, started_ns)
+        models = sorted({(model.name, model.version) for part in batch for model, _ in part.items})
+        self.tracing.batch([part.trace for part in batch],
+                           {"digitserve.models": [name for name, _ in models],
+                            "digitserve.versions": [version for _, version in models],
+                            "digitserve.batch_size": result.images}, started_ns, time.time_ns())

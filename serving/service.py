@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from prometheus_client import multiprocess
 
-from serving import images, metrics_files, registry, routing, verify
+from serving import images, metrics_files, registry, routing, tracing, verify
 from serving.admission import Admission
 from serving.backends import BACKENDS, BackendError
 from serving.batcher import DynamicBatcher
@@ -78,6 +78,8 @@ class Service:
         self.decoders: ThreadPoolExecutor | None = None
         self.admission = Admission(config.max_queue, self.metrics)
         self.evaluating = asyncio.Lock()  # one /evaluate at a time: it is background work
+        self.trace_exporters = tracing.requested()  # [] unless OTEL_TRACES_EXPORTER asks (serving/tracing.py)
+        self.tracing: tracing.Tracing | None = None
         self.prediction_log = self.feedback = self.feedback_thread = None
         if config.prediction_log is not None:
             self.prediction_log = PredictionLog(config.prediction_log, config.prediction_sample, config.log_inputs,
@@ -99,7 +101,9 @@ class Service:
         metrics_files.reserve()  # before this process's first metric update
         await self.lifecycle.start()
         self.decoders = ThreadPoolExecutor(max_workers=decoder_threads(), thread_name_prefix="decode")
-        self.batcher = DynamicBatcher(self.metrics, self.config.max_batch_size, self.config.batch_timeout)
+        if self.trace_exporters:
+            self.tracing = tracing.Tracing.from_environment(self.trace_exporters)
+        self.batcher = DynamicBatcher(self.metrics, self.config.max_batch_size, self.config.batch_timeout, self.tracing)
         self.batcher.start()
         if self.prediction_log is not None:
             self.prediction_log.start()
@@ -110,6 +114,8 @@ class Service:
         self.lifecycle.stop()
         if self.batcher is not None:
             await self.batcher.stop()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)
         if self.decoders is not None:
             self.decoders.shutdown(wait=False, cancel_futures=True)
         if self.prediction_log is not None:
@@ -179,7 +185,8 @@ class Service:
         """Queue one request's arrays; they may share an inference call with other requests'.
         Returns the log-probabilities per item and the most images an inference call of them held.
         `background`: only in the room predictions leave (serving/batcher.py)."""
-        log_probs, batch_images = await self.batcher.submit(items, background)
+        trace = None if self.tracing is None or background else self.tracing.current()
+        log_probs, batch_images = await self.batcher.submit(items, background, trace)
         for model in {model for model, _ in items}:
             self.metrics.images.labels(model.name, model.version).inc(sum(1 for m, _ in items if m is model))
         return log_probs, batch_images

@@ -11,6 +11,7 @@ from serving.api import errors, feedback, models, operations, predict, v2
 from serving.metrics import RequestMetrics
 from serving.request_ids import RequestIds
 from serving.service import Service
+from serving.tracing import TracingMiddleware
 
 
 @asynccontextmanager
@@ -25,8 +26,10 @@ async def lifespan(app: FastAPI):
 
 def middlewares(service: Service) -> list[tuple[type, dict]]:
     """The app's ASGI middleware, innermost first (as LitServe's `middlewares` and add_middleware take
-    them): the request ID outside the metrics, so that every answer carries it."""
-    return [(RequestMetrics, {"metrics": service.metrics}), (RequestIds, {})]
+    them): the request ID outside the metrics, so that every answer carries it; the trace's server
+    span inside the ID (which it records), and only when tracing is asked for."""
+    traced = [(TracingMiddleware, {"service": service})] if service.trace_exporters else []
+    return [(RequestMetrics, {"metrics": service.metrics}), *traced, (RequestIds, {})]
 
 
 def install(app: FastAPI, service: Service) -> None:

@@ -7,6 +7,7 @@ from serving import answers, images, schemas
 from serving.api.bodies import Options, read_request
 from serving.api.common import AUTH, service_of
 from serving.request_ids import prediction_ids
+from serving.tracing import annotate, span
 from serving.routing import Routed
 
 PREDICT_BODY = {"requestBody": {"required": True, "content": {
@@ -32,14 +33,21 @@ async def predict(request: Request):
     `model` names one; each answer says how far to trust it (confidence, decision, candidates)."""
     service, started = service_of(request), time.perf_counter()
     async with service.admission.body_room(request.headers.get("content-length")):
-        inputs, options = await read_request(request, service.config.max_payload_bytes)
+        with span(service.tracing, "read"):
+            inputs, options = await read_request(request, service.config.max_payload_bytes)
         async with service.admission.admitted():
-            routed = await service.prepare(inputs, options)
+            # Admission never waits (beyond --max-queue it refuses at once): an event, not a span.
+            annotate(service.tracing, "admitted", **{"digitserve.in_progress": service.admission.in_progress})
+            with span(service.tracing, "decode", **{"digitserve.inputs": len(inputs)}):
+                routed = await service.prepare(inputs, options)
             request.state.model = routed[0].model.name
             outputs, batch_images = await service.infer([(r.model, r.array) for r in routed])
     ids = prediction_ids(request.state.request_id, len(inputs))
     predictions = [prediction(id_, label, r, output, batch_images, options, kind == "bytes", service.metrics)
                    for id_, (label, kind, _), r, output in zip(ids, inputs, routed, outputs)]
+    annotate(service.tracing, **{"digitserve.models": [p["model"] for p in predictions],
+                                 "digitserve.versions": [p["version"] for p in predictions],
+                                 "digitserve.decisions": [p["decision"] for p in predictions]})
     if service.prediction_log is not None:
         service.prediction_log.record(request.state.request_id, predictions,
                                       [value if kind == "bytes" else None for _, kind, value in inputs],
