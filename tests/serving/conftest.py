@@ -18,6 +18,13 @@ def exports(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def test_digits():
+    """The UCI digits' test split: images 447 x 8 x 8 on 0..16, labels."""
+    from training import digits
+    return digits.split_arrays("test")
+
+
 @pytest.fixture
 def small_tmpfs():
     """A 32 MB filesystem for TMPDIR (root only: elsewhere the test is skipped). A short path: the

@@ -8,7 +8,6 @@ import pytest
 import export_contract as contract
 from bench.harness import copy_committed
 from tests.helpers import build_svhn_export, in_process
-from training import digits
 
 
 @pytest.fixture(scope="session")
@@ -37,8 +36,3 @@ def client(exports):
     with in_process(exports, max_batch_size=32, batch_timeout=0.01) as c:
         yield c
 
-
-@pytest.fixture(scope="session")
-def test_digits():
-    images, labels = digits.split_arrays("test")
-    return images, labels

@@ -14,6 +14,7 @@ import pytest
 
 from bench.harness import copy_committed
 from serving import prediction_log
+from serving.metrics import Metrics
 from tests.helpers import digit_png, in_process, metric
 
 
@@ -144,3 +145,22 @@ def test_a_full_disk_drops_lines_and_answers_every_request(digits_only, small_tm
         (small_tmpfs / "filler").unlink()  # room again: the next lines are written
         predict(client, test_digits[0][0], "after-room")
         assert any(line["id"] == "after-room" for line in lines(log_folder, "prediction"))
+
+
+def test_the_log_is_rotated_by_size_keeping_the_files_asked_for(tmp_path):
+    log = prediction_log.PredictionLog(tmp_path, 1.0, "none", max_bytes=3000, backups=2, days=7,
+                                       metrics=Metrics(models=[]))
+    log.start()
+    for batch in range(12):  # a batch of lines is written at once: wait for each
+        for i in range(10):
+            log.put({"type": "feedback", "at": 0.0, "id": f"r{batch}-{i}", "model": "m", "version": "v", "label": 1,
+                     "truth": 1})
+        while log.lines.qsize():
+            time.sleep(0.01)
+        time.sleep(0.05)
+    log.stop()
+    files = sorted(tmp_path.glob("predictions-*"))
+    assert [path.suffix for path in files] == [".jsonl", ".1", ".2"]  # the live file and two rotated ones
+    assert all(path.stat().st_size <= 3000 for path in files)
+    kept = [json.loads(text)["id"] for path in reversed(files) for text in path.read_text().splitlines()]
+    assert kept[-1] == "r11-9" and kept == sorted(kept, key=lambda name: tuple(map(int, name[1:].split("-"))))
