@@ -55,6 +55,7 @@ class PredictionLog:
         self.max_bytes, self.backups = max_bytes, backups
         self.lines: queue.Queue = queue.Queue(QUEUE_LINES)
         self.thread: threading.Thread | None = None
+        self.store: FeedbackStore | None = None  # the writer thread's connection
         self.warned_at = -60.0
 
     def sampled(self) -> bool:
@@ -103,7 +104,7 @@ class PredictionLog:
 
     def run(self) -> None:
         path = self.folder / f"predictions-{socket.gethostname()}-{os.getpid()}.jsonl"
-        file, store = LogFile(path, self.max_bytes, self.backups), FeedbackStore(self.folder, self.days)
+        file, self.store = LogFile(path, self.max_bytes, self.backups), None
         pruned_at = time.monotonic()
         try:
             while True:
@@ -114,25 +115,29 @@ class PredictionLog:
                     except queue.Empty:
                         break
                 ending = batch[-1] is None
-                self.write(file, store, [line for line in batch if line is not None])
-                if time.monotonic() - pruned_at > PRUNE_SECONDS:
+                self.write(file, [line for line in batch if line is not None])
+                if self.store is not None and time.monotonic() - pruned_at > PRUNE_SECONDS:
                     pruned_at = time.monotonic()
-                    self.attempt(store.prune, "prune")
+                    self.attempt(self.store.prune, "prune")
                 if ending:
                     return
         finally:
             file.close()
-            store.close()
+            if self.store is not None:
+                self.store.close()
 
-    def write(self, file: LogFile, store: FeedbackStore, lines: list[dict]) -> None:
+    def write(self, file: LogFile, lines: list[dict]) -> None:
         if not lines:
             return
         text = "\n".join(json.dumps(line, separators=(",", ":")) for line in lines)
         if self.attempt(lambda: file.emit(logging.makeLogRecord({"msg": text})), "write", len(lines)):
             rows = [(line["id"], line["at"], line["model"], line["version"], line["label"])
                     for line in lines if line["type"] == "prediction"]
-            if rows:
-                self.attempt(lambda: store.add(rows), "index", len(rows))
+            if rows and (self.store is not None or self.attempt(self.open_store, "index", len(rows))):
+                self.attempt(lambda: self.store.add(rows), "index", len(rows))
+
+    def open_store(self) -> None:
+        self.store = FeedbackStore(self.folder, self.days)  # made on first use: a failure is retried
 
     def attempt(self, action, what: str, lines: int = 0) -> bool:
         """Run one write; a failure (a full disk, a locked or broken store) drops its lines, counted,

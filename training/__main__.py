@@ -6,6 +6,8 @@
     python -m training svhn-synth --out data/synth      # synthetic crops in the official .mat layout
     python -m training export runs/RUN --to exports     # re-export a run for the server
 
+    python -m training feedback-data --log LOG --out f.npz  # real traffic's told labels as training data
+
 The arguments are parsed before torch is imported: --help and argument errors answer at once, and
 reproducible mode can pin the CPU kernels before torch reads them (training/reproducible.py).
 """
@@ -109,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "its defaults if missing)")
     p.add_argument("--jobs", type=positive_int, default=max(1, len(os.sched_getaffinity(0))),
                    help="processes drawing the pictures when photo-cnn's are made (this machine's cores)")
+    p.add_argument("--extra-train", type=Path, metavar="FILE",
+                   help="labelled pictures added to the training split only (python -m training feedback-data)")
     add_publish_flags(p, "each run's export")
     add_reproducible_flag(p, default=None)
 
@@ -150,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=positive_int, default=max(1, len(os.sched_getaffinity(0))),
                    help="processes drawing the pictures (this machine's cores); the files do not depend on it")
 
+    p = commands.add_parser("feedback-data", help="turn a server's prediction log and the labels told through "
+                                                  "/feedback into extra training data (for digits --extra-train)")
+    p.add_argument("--log", type=Path, required=True, help="the server's --prediction-log folder")
+    p.add_argument("--out", type=Path, required=True, help="the .npz to write (x: the arrays the model took, y)")
+    p.add_argument("--model", help="only this model's predictions")
+    p.add_argument("--shape", help="only inputs of this shape, e.g. 1x8x8 (default: the commonest)")
+
     p = commands.add_parser("export", help="export a run's best checkpoint to TorchScript + ONNX with a manifest")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder that python -m training wrote (runs/...)")
     p.add_argument("--name", help="export name (default TASK-ARCH, e.g. digits-cnn)")
@@ -166,6 +177,8 @@ def check_before_torch(args) -> None:
         svhn.check_val_fraction(args.val_fraction)
     if args.command in ("digits", "svhn", "svhn-synth", "digits-synth"):
         check_writable(args.out)
+    if args.command == "feedback-data":
+        check_writable(args.out.parent)
     if getattr(args, "export_to", None) is not None:
         check_writable(args.export_to)
     if getattr(args, "name", None) and (problem := name_error(args.name)):

@@ -4,8 +4,10 @@ from pathlib import Path
 
 import torch
 
-from training import digits_synth, svhn, synthetic
+from training import digits_synth, feedback_data, svhn, synthetic
+from export_contract import sha256
 from export_contract.publish import publish
+from training.errors import DataError
 from training.export import Splits, default_name, export_model, load_run
 from training.recipes import DIGITS_ARCHS
 from training.runs import check_writable
@@ -20,7 +22,8 @@ def digits_command(args) -> None:
         spec = DIGITS_ARCHS[arch]
         run_dir, metrics = train_digits(arch, args.seed, args.max_epochs or spec.max_epochs,
                                         args.patience or spec.patience, device, args.out,
-                                        reproducible_mode=args.reproducible, synth_dir=args.synth_dir, jobs=args.jobs)
+                                        reproducible_mode=args.reproducible, synth_dir=args.synth_dir, jobs=args.jobs,
+                                        extra_train=args.extra_train)
         test = metrics["test"]
         print(f"{arch}: test NLL {test['nll']:.4f}, error {test['error']:.4f} ({test['errors']}/{test['n']}), "
               f"best epoch {metrics['best_epoch'] + 1} of {metrics['epochs_run']}, {metrics['wall_seconds']:.1f} s -> {run_dir}")
@@ -61,12 +64,22 @@ def svhn_synth_command(args) -> None:
     print(f"wrote {args.train} + {args.test} synthetic crops to {args.out} (official .mat layout)")
 
 
+def feedback_data_command(args) -> None:
+    x, y, summary = feedback_data.labelled(args.log, args.model, args.shape)
+    feedback_data.write(x, y, args.out)
+    print(f"{summary} -> {args.out}")
+
+
 def export_command(args) -> None:
     run, model = load_run(args.run_dir)
     check_writable(args.to)
     if run["task"] == "digits":
-        synth_dir = run["config"].get("synth_dir")
-        data, _, input_spec, _ = digits_data(synth_dir is not None, "cpu", Path(synth_dir or "."))
+        synth_dir, extra = run["config"].get("synth_dir"), run["config"].get("extra_train")
+        if extra is not None and (not Path(extra["file"]).is_file() or sha256(Path(extra["file"])) != extra["sha256"]):
+            raise DataError(f"{extra['file']}: not the --extra-train file this run was trained with (missing or "
+                            "changed)")
+        data, _, input_spec, _ = digits_data(synth_dir is not None, "cpu", Path(synth_dir or "."),
+                                             extra_train=None if extra is None else Path(extra["file"]))
     else:
         config = run["config"]
         train_all = svhn.load_split(Path(config["data_dir"]), "train", verify_md5=config["verify_md5"])
@@ -82,4 +95,4 @@ def export_command(args) -> None:
 
 
 COMMANDS = {"digits": digits_command, "svhn": svhn_command, "svhn-synth": svhn_synth_command,
-            "digits-synth": digits_synth_command, "export": export_command}
+            "digits-synth": digits_synth_command, "feedback-data": feedback_data_command, "export": export_command}

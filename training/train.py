@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from export_contract import sha256
-from training import digits, digits_synth, reproducible, svhn
+from training import digits, digits_synth, feedback_data, reproducible, svhn
 from training.errors import UsageError
 from training.export import Splits, default_name, export_model
 from training.loop import evaluate, fit
@@ -68,11 +68,17 @@ def run_metrics(task: str, arch: str, summary: str, data: dict, seed: int, confi
 UCI_TRAIN_REPEATS = 8  # the UCI training split's weight beside the generated pictures (training/recipes.py)
 
 
-def digits_data(photos: bool, device: torch.device | str, synth_dir: Path, jobs: int = 1) -> tuple[Splits, dict, dict, dict]:
+def digits_data(photos: bool, device: torch.device | str, synth_dir: Path, jobs: int = 1,
+                extra_train: Path | None = None) -> tuple[Splits, dict, dict, dict]:
     """The splits a digits arch is trained, chosen, tested and calibrated on, what to record of them in
     its manifest (data record, input spec, config): the UCI digits, and for an arch trained on photos
-    too, the generated pictures in `synth_dir` (made there, in `jobs` processes, if missing)."""
+    too, the generated pictures in `synth_dir` (made there, in `jobs` processes, if missing).
+    `extra_train`: labelled pictures (python -m training feedback-data) added to the training split."""
     data = Splits(*((split.x, split.y) for split in (digits.load_split(name, device) for name in ("train", "val", "test"))))
+    if extra_train is not None:
+        data, record, config = with_extra_train(data, extra_train, device)
+        if not photos:
+            return data, record, digits.INPUT_SPEC, config
     if not photos:
         return data, digits.DATA, digits.INPUT_SPEC, {}
     made = digits_synth.ensure(synth_dir, jobs)
@@ -84,13 +90,29 @@ def digits_data(photos: bool, device: torch.device | str, synth_dir: Path, jobs:
     val_repeats = max(1, round(len(generated["val"][1]) / len(data.val[1])))
     data = Splits(joined(data.train, generated["train"], UCI_TRAIN_REPEATS), joined(data.val, generated["val"], val_repeats),
                   data.test, extra=("generated photos and drawings", *generated["test"]), outliers=generated["outliers"][0])
-    return (data, digits_synth.data_record(made), {**digits.INPUT_SPEC, "resized": True},
-            {"synth_dir": str(synth_dir.resolve()), "uci_train_repeats": UCI_TRAIN_REPEATS, "uci_val_repeats": val_repeats})
+    record = digits_synth.data_record(made)
+    if extra_train is not None:
+        record = {**record, "description": record["description"] + "; " + config["extra_train"]["description"]}
+    return (data, record, {**digits.INPUT_SPEC, "resized": True},
+            {"synth_dir": str(synth_dir.resolve()), "uci_train_repeats": UCI_TRAIN_REPEATS, "uci_val_repeats": val_repeats,
+             **({"extra_train": config["extra_train"]} if extra_train is not None else {})})
+
+
+def with_extra_train(data: Splits, path: Path, device) -> tuple[Splits, dict, dict]:
+    """`data` with the file's pictures added to its training split; the data record and run config that say so."""
+    x, y = feedback_data.load(path, tuple(digits.INPUT_SPEC["shape"][1:]), tuple(digits.INPUT_SPEC["range"]))
+    train = tuple(torch.cat([mine, torch.from_numpy(theirs).to(device)]) for mine, theirs in zip(data.train, (x, y)))
+    described = f"{len(y):,} labelled pictures from {path.name} added to the training split"
+    extra = {"file": str(path.resolve()), "sha256": sha256(path), "n": len(y),
+             "description": described}
+    return replace(data, train=train), {**digits.DATA, "description": digits.DATA["description"] + "; " + described}, {
+        "extra_train": extra}
 
 
 def train_digits(arch: str, seed: int, max_epochs: int, patience: int, device: torch.device, out: Path,
                  progress: bool = True, reproducible_mode: bool | None = None,
-                 synth_dir: Path = Path("data/digits-synth"), jobs: int = 1) -> tuple[Path, dict]:
+                 synth_dir: Path = Path("data/digits-synth"), jobs: int = 1,
+                 extra_train: Path | None = None) -> tuple[Path, dict]:
     """Train one digits model, evaluate it on test, export it, and write its run folder atomically.
 
     `reproducible_mode`: True requires the pins (training.reproducible.pin_before_torch() before
@@ -101,7 +123,7 @@ def train_digits(arch: str, seed: int, max_epochs: int, patience: int, device: t
     spec = DIGITS_ARCHS[arch]
     reproducibility = (reproducible.OFF if reproducible_mode is False
                        else reproducible.activate(device, required=bool(reproducible_mode)))
-    data, record, input_spec, config = digits_data(spec.photos, device, synth_dir, jobs)
+    data, record, input_spec, config = digits_data(spec.photos, device, synth_dir, jobs, extra_train)
     torch.manual_seed(seed)
     model = spec.build().to(device)
     started = time.perf_counter()

@@ -164,3 +164,19 @@ def test_the_log_is_rotated_by_size_keeping_the_files_asked_for(tmp_path):
     assert all(path.stat().st_size <= 3000 for path in files)
     kept = [json.loads(text)["id"] for path in reversed(files) for text in path.read_text().splitlines()]
     assert kept[-1] == "r11-9" and kept == sorted(kept, key=lambda name: tuple(map(int, name[1:].split("-"))))
+
+
+def test_a_store_that_cannot_open_costs_the_index_not_the_log(tmp_path):
+    (tmp_path / "feedback.sqlite3").mkdir()  # in the way of the store's file
+    metrics = Metrics(models=[])
+    log = prediction_log.PredictionLog(tmp_path, 1.0, "none", 1 << 20, 2, 7.0, metrics)
+    log.start()
+    for i in range(3):
+        log.put({"type": "prediction", "at": 0.0, "id": f"p{i}", "model": "m", "version": "v", "label": 1})
+        while log.lines.qsize():
+            time.sleep(0.01)
+        time.sleep(0.05)
+    log.stop()
+    assert log.thread is not None and not log.thread.is_alive()  # ended by stop(), not by the failure
+    assert [line["id"] for line in lines(tmp_path, "prediction")] == ["p0", "p1", "p2"]
+    assert metrics.registry.get_sample_value("digitserve_prediction_log_dropped_total", {"reason": "index_failed"}) == 3
