@@ -31,6 +31,8 @@ FROM ${PYTHON_IMAGE} AS build
 ARG DEVICE=gpu
 ARG ORT_VERSION=1.31.1
 ARG WITH_TORCH=false
+# OpenTelemetry traces (the [otel] extra), on when the container's OTEL_TRACES_EXPORTER asks for them.
+ARG WITH_OTEL=false
 ARG PIP_INDEX_URL=""
 ARG PIP_EXTRA_INDEX_URL=""
 ARG PIP_TRUSTED_HOST=""
@@ -49,7 +51,8 @@ RUN case "${DEVICE}" in \
       cpu) pip install . "onnxruntime==${ORT_VERSION}" ;; \
       *) echo "DEVICE must be gpu or cpu, not '${DEVICE}'" >&2; exit 1 ;; \
     esac \
- && if [ "${WITH_TORCH}" = "true" ]; then pip install "torch>=2.4,<2.15"; fi
+ && if [ "${WITH_TORCH}" = "true" ]; then pip install "torch>=2.4,<2.15"; fi \
+ && if [ "${WITH_OTEL}" = "true" ]; then pip install ".[otel]"; fi
 # What serving does not need (bench/RESULTS.md, "Container images", measures each):
 # - cuFFT (and nvJitLink, which only cuFFT requires): ONNX Runtime's CUDA provider does not link it,
 #   and onnxruntime.preload_dlls() treats it as optional; only DFT/STFT graphs would use it (torch does)

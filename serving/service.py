@@ -11,21 +11,17 @@ process then loads, warms and verifies its own versions of the models and starts
 import asyncio
 import hmac
 import os
-import sqlite3
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from prometheus_client import multiprocess
 
-from serving import images, metrics_files, registry, routing, tracing, verify
+from serving import feedback, images, metrics_files, registry, routing, tracing, verify
 from serving.admission import Admission
 from serving.backends import BACKENDS, BackendError
 from serving.batcher import DynamicBatcher
 from serving.config import Config
-from serving.errors import (FeedbackConflict, InputError, PredictionNotFound, ServiceUnavailable, StartupError,
-                            Unauthorized)
-from serving.feedback_store import AlreadyTold, FeedbackStore, UnknownPrediction
+from serving.errors import InputError, PredictionNotFound, StartupError, Unauthorized
 from serving.inference import LoadError, ServedModel, load_runner
 from serving.lifecycle import Lifecycle
 from serving.metrics import Metrics
@@ -80,12 +76,13 @@ class Service:
         self.evaluating = asyncio.Lock()  # one /evaluate at a time: it is background work
         self.trace_exporters = tracing.requested()  # [] unless OTEL_TRACES_EXPORTER asks (serving/tracing.py)
         self.tracing: tracing.Tracing | None = None
-        self.prediction_log = self.feedback = self.feedback_thread = None
+        self.prediction_log: PredictionLog | None = None
+        self.feedback: feedback.Feedback | None = None
         if config.prediction_log is not None:
             self.prediction_log = PredictionLog(config.prediction_log, config.prediction_sample, config.log_inputs,
                                                 config.prediction_log_mb << 20, config.prediction_log_files,
                                                 config.feedback_days, self.metrics)
-            open_feedback_store(config).close()  # here, so that an unusable folder stops the start-up
+            feedback.open_store(config).close()  # here, so that an unusable folder stops the start-up
         self.notify_other_processes = None  # set by serving/server.py: asks every HTTP process to reload
 
     @property
@@ -107,8 +104,8 @@ class Service:
         self.batcher.start()
         if self.prediction_log is not None:
             self.prediction_log.start()
-            self.feedback_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feedback")
-            self.feedback = await self.in_feedback_thread(open_feedback_store, self.config)
+            self.feedback = feedback.Feedback(self.config, self.prediction_log, self.metrics)
+            await self.feedback.start()
 
     async def stop(self) -> None:
         self.lifecycle.stop()
@@ -121,8 +118,7 @@ class Service:
         if self.prediction_log is not None:
             await asyncio.to_thread(self.prediction_log.stop)
         if self.feedback is not None:
-            self.feedback_thread.submit(self.feedback.close)
-            self.feedback_thread.shutdown(wait=True)
+            self.feedback.stop()
         if metrics_files.folder():
             multiprocess.mark_process_dead(os.getpid())  # its live gauges (queue depth) leave the totals
 
@@ -193,44 +189,10 @@ class Service:
 
     # --- feedback (with --prediction-log) ---
 
-    async def in_feedback_thread(self, function, *args):
-        """The feedback store's SQLite connection is used by its one thread, off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.feedback_thread, function, *args)
-
     async def tell(self, prediction_id: str, truth: int) -> tuple[str, str, int]:
-        """Record a logged prediction's true label: (model, version, predicted label). Counted, and
-        written to the log beside the prediction."""
         if self.feedback is None:
             raise PredictionNotFound("feedback needs the prediction log: start the server with --prediction-log DIR")
-        try:
-            model, version, label = await self.in_feedback_thread(self.feedback.tell, prediction_id, truth)
-        except UnknownPrediction:
-            raise PredictionNotFound(f"no logged prediction {prediction_id!r} within the last "
-                                     f"{self.config.feedback_days:g} days") from None
-        except AlreadyTold:
-            raise FeedbackConflict(f"prediction {prediction_id!r} already has its true label") from None
-        except sqlite3.Error as err:
-            raise ServiceUnavailable(f"the feedback store cannot take it now ({err}); try again") from None
-        self.metrics.feedback.labels(model, version, str(label == truth).lower()).inc()
-        self.prediction_log.put({"type": "feedback", "at": time.time(), "id": prediction_id, "model": model,
-                                 "version": version, "label": label, "truth": truth})
-        return model, version, label
+        return await self.feedback.tell(prediction_id, truth)
 
     async def live_accuracy(self) -> dict[tuple[str, str], tuple[int, int]] | None:
-        """(model, version) -> (answers told, right), or None without a feedback store (or when it cannot
-        be read now)."""
-        if self.feedback is None:
-            return None
-        try:
-            return await self.in_feedback_thread(self.feedback.live_accuracy)
-        except sqlite3.Error:
-            return None
-
-
-def open_feedback_store(config: Config) -> FeedbackStore:
-    """The prediction log's folder (made if missing) and its feedback store; StartupError if unusable."""
-    try:
-        config.prediction_log.mkdir(parents=True, exist_ok=True)
-        return FeedbackStore(config.prediction_log, config.feedback_days)
-    except (OSError, sqlite3.Error) as err:
-        raise StartupError(f"--prediction-log {config.prediction_log}: cannot keep the log there ({err})") from None
+        return None if self.feedback is None else await self.feedback.live_accuracy()

@@ -10,7 +10,7 @@ from bench.harness import ROOT
 
 SCRIPTS = sorted(path.stem for path in (ROOT / "bench").glob("*.py") if path.stem not in {"__init__", "harness"})
 LOAD_TOOLS = ["load", "serve", "fastapi_baseline", "overload", "soak", "hostile", "decode_bomb", "exhaustion",
-              "reload_memory"]
+              "reload_memory", "insight"]
 
 
 def test_every_script_shows_its_module_command():

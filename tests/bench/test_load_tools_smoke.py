@@ -21,6 +21,8 @@ TINY_RUNS = [
      ["## Exhaustion (`python -m bench.exhaustion", "| attack | measured | target |",
       "| 20 distinct 60 KB names on /models/NAME | 414 each", "rejected: test_set.npz"]),
     ("reload_memory", ["--reloads", "2"], ["reload    2:", "2 reloads of svhn-synthetic-cnn in"]),
+    ("insight", ["--seconds", "1", "--warmup-seconds", "0", "--rounds", "1", "--connections", "2", "--feedback", "12"],
+     ["## Production insight", "| prediction log + traces |", "The OTLP sink took", ": exact"]),
 ]
 
 

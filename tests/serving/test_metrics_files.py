@@ -3,12 +3,10 @@ never the server (a full temporary folder once killed it with SIGBUS). Units in 
 child process), then real servers on loopback whose TMPDIR is a small tmpfs (root only)."""
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 
 import httpx
 import numpy as np
-import pytest
 
 from bench.harness import copy_committed, running_server
 from serving import metrics_files

@@ -4,7 +4,6 @@ while the previous keeps answering, a removed model turns 404, and no other requ
 details: tests/serving/test_lifecycle.py."""
 import asyncio
 import json
-import re
 import signal
 import threading
 import time

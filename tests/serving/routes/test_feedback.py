@@ -180,3 +180,16 @@ def test_a_store_that_cannot_open_costs_the_index_not_the_log(tmp_path):
     assert log.thread is not None and not log.thread.is_alive()  # ended by stop(), not by the failure
     assert [line["id"] for line in lines(tmp_path, "prediction")] == ["p0", "p1", "p2"]
     assert metrics.registry.get_sample_value("digitserve_prediction_log_dropped_total", {"reason": "index_failed"}) == 3
+
+
+def test_feedback_right_after_its_prediction_waits_for_it_to_reach_the_store(digits_only, tmp_path, test_digits,
+                                                                              monkeypatch):
+    slow = threading.Event()
+    emit = prediction_log.LogFile.emit
+    monkeypatch.setattr(prediction_log.LogFile, "emit", lambda self, record: (slow.wait(5), emit(self, record)))
+    with in_process(digits_only, prediction_log=tmp_path) as client:
+        answer = predict(client, test_digits[0][1], "just-now")
+        threading.Timer(0.5, slow.set).start()  # the disk is slow: the line is indexed half a second later
+        response = client.post("/feedback", json={"id": "just-now", "label": int(test_digits[1][1])})
+        assert response.status_code == 200, response.text
+        assert response.json()["label"] == answer["label"]
