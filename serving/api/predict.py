@@ -7,7 +7,7 @@ from serving import answers, images, schemas
 from serving.api.bodies import Options, read_request
 from serving.api.common import AUTH, service_of
 from serving.request_ids import prediction_ids
-from serving.tracing import annotate, span
+from serving.tracing import annotate, spanned
 from serving.routing import Routed
 
 PREDICT_BODY = {"requestBody": {"required": True, "content": {
@@ -31,15 +31,14 @@ async def predict(request: Request):
     `invert`, `resize`, `model_input`, `raw`, `unsure_below` as query parameters, form fields or JSON
     fields. Each input goes to the model that takes its size and colour (its answer says why), unless
     `model` names one; each answer says how far to trust it (confidence, decision, candidates)."""
-    service, started = service_of(request), time.perf_counter()
+    service, started, started_ns = service_of(request), time.perf_counter(), time.time_ns()
     async with service.admission.body_room(request.headers.get("content-length")):
-        with span(service.tracing, "read"):
-            inputs, options = await read_request(request, service.config.max_payload_bytes)
+        inputs, options = await read_request(request, service.config.max_payload_bytes)
         async with service.admission.admitted():
             # Admission never waits (beyond --max-queue it refuses at once): an event, not a span.
             annotate(service.tracing, "admitted", **{"digitserve.in_progress": service.admission.in_progress})
-            with span(service.tracing, "decode", **{"digitserve.inputs": len(inputs)}):
-                routed = await service.prepare(inputs, options)
+            routed = await service.prepare(inputs, options)
+            spanned(service.tracing, "decode", started_ns, **{"digitserve.inputs": len(inputs)})
             request.state.model = routed[0].model.name
             outputs, batch_images = await service.infer([(r.model, r.array) for r in routed])
     ids = prediction_ids(request.state.request_id, len(inputs))
