@@ -30,6 +30,10 @@ from serving.tracing import Tracing
 
 BACKGROUND_PART = 32  # images: a background part costs a prediction that shares its batch little
 BACKGROUND_SHARE = 0.1  # of the batcher's time, while requests arrive
+# A batch expected to take less than this runs on the event loop: handing it to a thread and back
+# costs about as much (a small 8x8 batch takes ~0.1 ms). Larger ones run in a thread.
+INLINE_SECONDS = 0.001
+EXPECTED_WEIGHT = 0.1  # of each batch's time per image in a model's running estimate
 
 
 @dataclass(eq=False)
@@ -56,6 +60,7 @@ class DynamicBatcher:
     def __init__(self, metrics: Metrics, max_batch_size: int, batch_timeout: float,
                  tracing: Tracing | None = None):
         self.metrics, self.tracing = metrics, tracing
+        self.per_image: dict[str, float] = {}  # model name -> seconds per image, a running estimate
         self.max_batch_size, self.batch_timeout = max_batch_size, batch_timeout
         self.waiting: deque[Part] = deque()
         self.background: deque[Part] = deque()
@@ -142,7 +147,11 @@ class DynamicBatcher:
                 self.metrics.queue_seconds.labels(name).observe(started - part.queued_at)
         started_ns = time.time_ns()
         try:
-            result = await asyncio.to_thread(inference.predict, [part.items for part in batch])
+            requests = [part.items for part in batch]
+            if self.expected_seconds(batch) < INLINE_SECONDS:
+                result = inference.predict(requests)
+            else:
+                result = await asyncio.to_thread(inference.predict, requests)
         except Exception as err:  # a backend failure fails this batch's requests, not the batcher
             for part in batch:
                 if not part.request.future.done():
@@ -157,6 +166,7 @@ class DynamicBatcher:
             self.background_spent = (self.background_ended - started) * background / images
         for name, seconds in result.seconds.items():
             self.metrics.inference_seconds.labels(name).observe(seconds)
+        self.learn(batch, result)
         for part, outputs in zip(batch, result.outputs):
             request = part.request
             request.outputs[part.offset:part.offset + len(outputs)] = outputs
@@ -164,6 +174,18 @@ class DynamicBatcher:
             request.parts_left -= 1
             if request.parts_left == 0 and not request.future.done():  # the client may have gone away
                 request.future.set_result((request.outputs, request.batch_images))
+
+    def expected_seconds(self, batch: list[Part]) -> float:
+        """The batch's expected inference time, from each model's seconds per image so far (a model not
+        yet timed here: infinite, so that its first batch runs in a thread)."""
+        return sum(self.per_image.get(model.name, float("inf")) for part in batch for model, _ in part.items)
+
+    def learn(self, batch: list[Part], result: inference.BatchResult) -> None:
+        for name, seconds in result.seconds.items():
+            images = sum(1 for part in batch for model, _ in part.items if model.name == name)
+            now = seconds / images
+            before = self.per_image.get(name)
+            self.per_image[name] = now if before is None else before + EXPECTED_WEIGHT * (now - before)
 
     def traced(self, batch: list[Part], result: inference.BatchResult, started_ns: int) -> None:
         """Each request's wait in the queue, and the batch's inference linked to them."""

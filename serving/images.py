@@ -58,7 +58,8 @@ def decode(image: Image.Image, at_least: int | None = None) -> Image.Image:
         if at_least is not None and image.format == "JPEG":
             image.draft(image.mode, (at_least, at_least))
         image.load()
-        return ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # not a copy of every upload, rotated or not
+        return image
     except Exception as err:  # decoders raise OSError, ValueError, SyntaxError, EOFError, struct.error, ...
         raise InputError(f"truncated or corrupt image: {one_line(err)}", 400) from None
 

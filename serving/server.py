@@ -21,6 +21,7 @@ import os
 import signal
 
 import litserve as ls
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.routing import Route
 
 from serving import api
@@ -83,17 +84,21 @@ def litserve_workarounds(server: ls.LitServer) -> None:
     - Its FastAPI app keeps FastAPI's /docs and /redoc, which load their scripts from a CDN (blank
       offline); digitserve serves /docs from local files, so these go too.
     - The drain time after SIGTERM is an attribute, not a constructor parameter.
+    - It always adds GZipMiddleware (for non-streaming APIs), one more layer around every request;
+      digitserve's answers are a few hundred bytes of JSON, which gzip does not pay for.
     """
     page = frozenset({"GET", "HEAD"})
     theirs = {("/", frozenset({"GET"})), (API_PATH, frozenset({"POST"})), ("/docs", page),
               ("/docs/oauth2-redirect", page), ("/redoc", page)}
     found = [route for route in server.app.router.routes
              if isinstance(route, Route) and (route.path, frozenset(route.methods)) in theirs]
-    if len(found) != len(theirs) or not hasattr(server, "uvicorn_graceful_timeout"):
+    gzip = [m for m in server.app.user_middleware if m.cls is GZipMiddleware]
+    if len(found) != len(theirs) or not hasattr(server, "uvicorn_graceful_timeout") or len(gzip) != 1:
         raise RuntimeError(f"litserve {ls.__version__} differs from {LITSERVE_CHECKED}, which serving/server.py "
                            f"was written against: check litserve_workarounds()")
     for route in found:
         server.app.router.routes.remove(route)
+    server.app.user_middleware.remove(gzip[0])  # the middleware stack is built at the first request
     server.uvicorn_graceful_timeout = GRACEFUL_SHUTDOWN_SECONDS
 
 

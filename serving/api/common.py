@@ -9,7 +9,8 @@ def service_of(request: Request) -> Service:
     return request.app.state.service
 
 
-def require_key(request: Request) -> None:
+async def require_key(request: Request) -> None:
+    """Async: FastAPI runs a plain function dependency in a worker thread, a hand-off per request."""
     service_of(request).check_key(request.headers)
 
 

@@ -2,6 +2,7 @@
 in full and in order, and background work (/evaluate) runs when no request waits. Unit tests on an
 asyncio loop of their own, no server."""
 import asyncio
+import threading
 
 import numpy as np
 
@@ -120,3 +121,27 @@ def test_a_failing_model_fails_the_requests_of_its_batch_not_the_batcher():
         return failed, await batcher.submit(items(model, [2]))
     (failure,), (outputs, _) = run(send)
     assert isinstance(failure, RuntimeError) and float(outputs[0].log_probs[0]) == 2
+
+
+def test_a_batch_expected_to_be_quick_runs_on_the_loop_and_others_in_a_thread(monkeypatch):
+    threads = []
+    model = served(Recorder())
+    recorder = model.runner
+
+    def timed(batch):
+        threads.append(threading.current_thread().name)
+        return recorder(batch)
+    model.runner = timed
+    monkeypatch.setattr(batching, "INLINE_SECONDS", 1.0)  # every timed model counts as quick
+
+    async def send(batcher):
+        first = await batcher.submit(items(model, [1]))  # not timed yet: in a thread
+        second = await batcher.submit(items(model, [2]))
+        monkeypatch.setattr(batching, "INLINE_SECONDS", 0.0)
+        third = await batcher.submit(items(model, [3]))
+        return first, second, third, batcher.per_image
+    *answers, per_image = run(send)
+    assert [float(outputs[0].log_probs[0]) for outputs, _ in answers] == [1, 2, 3]
+    loop_thread = threading.main_thread().name
+    assert threads[0] != loop_thread and threads[1] == loop_thread and threads[2] != loop_thread
+    assert 0 < per_image["digits"] < 1.0

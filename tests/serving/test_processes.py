@@ -57,6 +57,8 @@ def test_our_routes_replace_the_litserve_ones_it_has_no_parameter_for(exports):
     assert client.get("/redoc").status_code == 404
     assert client.get("/docs/assets/swagger-editor.js").status_code == 404  # only what /docs loads
     assert litserver.uvicorn_graceful_timeout == digitserve_server.GRACEFUL_SHUTDOWN_SECONDS
+    # no GZip layer around every request: answers are small JSON
+    assert "content-encoding" not in client.get("/openapi.json", headers={"Accept-Encoding": "gzip"}).headers
     with pytest.raises(RuntimeError, match="check litserve_workarounds"):
         digitserve_server.litserve_workarounds(litserver)  # the routes it removes are gone: it says so loudly
 
