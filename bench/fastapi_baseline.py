@@ -24,6 +24,8 @@ session = spec = None
 if os.environ.get("BASELINE_EXPORT"):
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
+    if DEVICE == "cuda":
+        ort.preload_dlls()  # CUDA and cuDNN from NVIDIA's pip wheels, as serving/backends.py finds them
     providers = (["CUDAExecutionProvider"] if DEVICE == "cuda" else []) + ["CPUExecutionProvider"]
     session = ort.InferenceSession(f"{FOLDER}/model.onnx", options, providers=providers)
     spec = json.loads(open(f"{FOLDER}/model.json").read())["input"]

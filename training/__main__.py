@@ -25,6 +25,7 @@ from training.errors import DataError, ExportError, UsageError
 from training.recipes import DIGITS_ARCHS
 from training.runs import check_writable
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 EXIT_STATUS = {UsageError: 2, DataError: 2, ExportError: 1, PublishError: 1}
 
 
@@ -129,7 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, help="global batch size (default: the recipe's 512, less on sets under "
                    "16,384 training images so that an epoch is at least 32 steps)")
     p.add_argument("--lr", type=float, help="peak learning rate (default from the recipe: 2e-3)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training forward pass")
+    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                   help="torch.compile the training forward pass in MODE (without one: default); reduce-overhead "
+                        "and max-autotune replay CUDA graphs on CUDA")
+    p.add_argument("--val-every", type=positive_int, default=1, metavar="N",
+                   help="validate every N epochs and after the last; --patience still counts epochs")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder that receives one folder per run")
     add_publish_flags(p, "the export")
     p.add_argument("--name", help="export name (default svhn-cnn, or svhn-synthetic-cnn for synthetic crops)")

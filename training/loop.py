@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from export_contract import Figures
 from training import augment
+from training.ema import WeightAverage
 from training.progress import EpochProgress
 from training.recipes import Recipe
 
@@ -23,15 +24,20 @@ AT_CHANCE = 0.85  # validation error at or above this, with 10 classes (chance: 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> Figures:
-    """Mean NLL and classification error of a log-probability model on (x, y)."""
+    """Mean NLL and classification error of a log-probability model on (x, y).
+
+    The sums stay on the device until the end (one synchronisation, not two per batch); each batch's
+    float32 sum is added in float64, as Python floats added them before."""
     model.eval()
-    nll_sum, errors = 0.0, 0
+    nll_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    errors = torch.zeros((), dtype=torch.int64, device=x.device)
     for start in range(0, len(y), batch_size):
         log_probs = model(x[start:start + batch_size]).float()
         target = y[start:start + batch_size]
-        nll_sum += F.nll_loss(log_probs, target, reduction="sum").item()
-        errors += (log_probs.argmax(1) != target).sum().item()
-    return Figures(nll=nll_sum / len(y), error=errors / len(y), errors=errors, n=len(y))
+        nll_sum += F.nll_loss(log_probs, target, reduction="sum").double()
+        errors += (log_probs.argmax(1) != target).sum()
+    nll, wrong = nll_sum.item(), int(errors.item())
+    return Figures(nll=nll / len(y), error=wrong / len(y), errors=wrong, n=len(y))
 
 
 class EarlyStopping:
@@ -44,15 +50,16 @@ class EarlyStopping:
         self.best_state: dict | None = None
         self.epochs_without_improvement = 0
 
-    def update(self, epoch: int, val_nll: float, model: torch.nn.Module, counts: bool = True) -> bool:
-        """Record one epoch's validation NLL; True when training should stop. An epoch that does not
-        `count` (still at chance) is kept if it is the best so far but never uses up patience."""
+    def update(self, epoch: int, val_nll: float, model: torch.nn.Module, counts: bool = True, epochs: int = 1) -> bool:
+        """Record a validation NLL, `epochs` epochs after the last one; True when training should stop.
+        A validation that does not `count` (still at chance) is kept if it is the best so far but never
+        uses up patience."""
         if val_nll < self.best_nll:
             self.best_nll, self.best_epoch = val_nll, epoch
             self.best_state = copy.deepcopy(model.state_dict())
             self.epochs_without_improvement = 0
         elif counts:
-            self.epochs_without_improvement += 1
+            self.epochs_without_improvement += epochs
         return self.epochs_without_improvement >= self.patience
 
     @property
@@ -76,42 +83,27 @@ def augment_batch(x: torch.Tensor, recipe: Recipe) -> torch.Tensor:
 
 @dataclass
 class History:
-    val_nll: list[float] = field(default_factory=list)
-    val_error: list[float] = field(default_factory=list)
+    val_nll: list[float | None] = field(default_factory=list)  # per epoch; None: not validated (val_every)
+    val_error: list[float | None] = field(default_factory=list)
     best_epoch: int = -1
     epochs_run: int = 0
     train_seconds: float = 0.0
     epoch_ends: list[float] = field(default_factory=list)  # seconds since the start, validation included
 
 
-def make_optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
+def make_optimizer(recipe: Recipe, params, device: torch.device) -> torch.optim.Optimizer:
+    """The recipe's optimizer. On CUDA AdamW and SGD take their fused kernels (one launch a step for all
+    parameters, not one per parameter group and operation); on the CPU the default foreach path stays,
+    so that reproducible runs keep their bits."""
+    fused = {"fused": True} if device.type == "cuda" else {}
     if recipe.optimizer == "adamax":
         return torch.optim.Adamax(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     if recipe.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, **fused)
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=recipe.lr, weight_decay=recipe.weight_decay, momentum=0.9, nesterov=True)
+        return torch.optim.SGD(params, lr=recipe.lr, weight_decay=recipe.weight_decay, momentum=0.9, nesterov=True,
+                               **fused)
     raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
-
-
-def make_ema(model: torch.nn.Module, recipe: Recipe) -> torch.optim.swa_utils.AveragedModel:
-    """An EMA of the weights and BatchNorm statistics.
-
-    Plain, the average starts as a copy of the random initial weights and keeps a decay^t share of
-    them; with bias correction every step's weight is (1 - decay) / (1 - decay^t), so the average is
-    a true mean of the steps seen so far until ~1/(1 - decay) steps, then a plain EMA. Without it a
-    slow starter (SVHN: hundreds of steps at chance) is validated as chance for epochs, and the lr
-    schedule and early stopping react to that.
-    """
-    swa = torch.optim.swa_utils
-    if not recipe.ema_bias_correction:
-        return swa.AveragedModel(model, multi_avg_fn=swa.get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True)
-    decay = recipe.ema_decay
-
-    def corrected(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        weight = (1 - decay) / (1 - decay ** (num_averaged + 1))  # a device tensor: no host sync per step
-        return averaged + (current - averaged) * weight.to(averaged.dtype)
-    return swa.AveragedModel(model, avg_fn=corrected, use_buffers=True)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -121,12 +113,37 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+# torch.compile modes that replay CUDA graphs: each training step must say that it begins.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def plateau_patience(epochs: int, val_every: int) -> int:
+    """ReduceLROnPlateau's patience in validations for a patience of `epochs` epochs: it decays the lr
+    after patience + 1 validations without improvement, so after at least `epochs` + 1 such epochs."""
+    return math.ceil((epochs + 1) / val_every) - 1
+
+
+def validate(model: torch.nn.Module, val_x: torch.Tensor, val_y: torch.Tensor, rank: int, world: int
+             ) -> tuple[float, float]:
+    """Rank 0's validation NLL and error, broadcast to every rank."""
+    figures = torch.zeros(2, dtype=torch.float64, device=val_x.device)
+    if rank == 0:
+        val = evaluate(model, val_x, val_y)
+        figures += torch.tensor([val.nll, val.error], dtype=torch.float64, device=val_x.device)
+    if world > 1:
+        dist.broadcast(figures, 0)
+    val_nll, val_error = figures.tolist()
+    return val_nll, val_error
+
+
 def fit(model: torch.nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
         val_x: torch.Tensor, val_y: torch.Tensor, recipe: Recipe, *,
         max_epochs: int, patience: int, progress: bool = True, desc: str = "train",
-        bf16: bool = False, channels_last: bool = False, compile: bool = False,
+        bf16: bool = False, channels_last: bool = False, compile: str | None = None, val_every: int = 1,
         outliers: torch.Tensor | None = None) -> History:
     """Train until validation NLL stops improving, then restore the best epoch's weights.
+    `compile`: a torch.compile mode for the training forward pass (None: eager). `val_every`:
+    validate every that many epochs and after the last; patience and lr decay still count epochs.
     `outliers`: non-digit pictures for the recipe's outlier exposure.
 
     Under torchrun every rank trains on its shard of each batch (DistributedDataParallel averages
@@ -134,21 +151,23 @@ def fit(model: torch.nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
     takes the same scheduler and early-stopping decisions.
     """
     rank, world = rank_and_world()
+    device = train_x.device
     if channels_last:  # NHWC convolutions run on the tensor cores without layout transposes
         model = model.to(memory_format=torch.channels_last)
     trained = DistributedDataParallel(model) if world > 1 else model
-    forward = torch.compile(trained) if compile else trained
-    optimizer = make_optimizer(recipe, model.parameters())
-    scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=recipe.lr_decay_patience)
-                 if recipe.lr_decay_patience > 0 else None)
+    forward = torch.compile(trained, mode=compile) if compile else trained
+    optimizer = make_optimizer(recipe, model.parameters(), device)
+    scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, factor=0.1, patience=plateau_patience(recipe.lr_decay_patience, val_every))
+        if recipe.lr_decay_patience > 0 else None)
     # The EMA of the weights is what gets validated, early-stopped and kept: it smooths the epoch-to-
     # epoch noise that augmentation adds to val NLL, so early stopping does not fire on a bad epoch.
-    averaged = make_ema(model, recipe) if recipe.ema_decay > 0 else None
+    averaged = WeightAverage(model, recipe.ema_decay, recipe.ema_bias_correction) if recipe.ema_decay > 0 else None
     evaluated = averaged.module if averaged is not None else model
     stopper = EarlyStopping(patience)
     history = History()
-    device = train_x.device
     started = time.perf_counter()
+    last_validated = -1
     bar = EpochProgress(desc, max_epochs, enabled=progress and rank == 0)
     for epoch in range(max_epochs):
         model.train()
@@ -165,6 +184,8 @@ def fit(model: torch.nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
                 x = augment_batch(x, recipe)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            if compile in CUDA_GRAPH_MODES:
+                torch.compiler.cudagraph_mark_step_begin()
             # bf16 autocast: tensor-core matmuls at full fp32 range, so no loss scaling is needed
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 log_probs = forward(x).float()
@@ -175,23 +196,25 @@ def fit(model: torch.nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
             loss.backward()
             optimizer.step()
             if averaged is not None:
-                averaged.update_parameters(model)
-        figures = torch.zeros(2, dtype=torch.float64, device=device)
-        if rank == 0:
-            val = evaluate(evaluated, val_x, val_y)
-            figures += torch.tensor([val.nll, val.error], dtype=torch.float64, device=device)
-        if world > 1:
-            dist.broadcast(figures, 0)
-        val_nll, val_error = figures.tolist()
+                averaged.update(model)
+        if (epoch + 1) % val_every and epoch + 1 < max_epochs:
+            history.val_nll.append(None)
+            history.val_error.append(None)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the epoch ends when the device has run it, not when it was queued
+            history.epoch_ends.append(time.perf_counter() - started)
+            continue
+        val_nll, val_error = validate(evaluated, val_x, val_y, rank, world)
         history.val_nll.append(val_nll)
         history.val_error.append(val_error)
-        history.epoch_ends.append(time.perf_counter() - started)  # .tolist() above waited for the device
+        history.epoch_ends.append(time.perf_counter() - started)  # .tolist() in validate waited for the device
         # At chance the model has not found the digit yet: a flat NLL there says "not started", not
         # "converged", so neither the lr decay nor the patience counts such epochs.
         started_learning = val_error < AT_CHANCE
         if scheduler is not None and started_learning:
             scheduler.step(val_nll)
-        stop = stopper.update(epoch, val_nll, evaluated, counts=started_learning)
+        stop = stopper.update(epoch, val_nll, evaluated, counts=started_learning, epochs=epoch - last_validated)
+        last_validated = epoch
         bar.update(epoch, val_nll, val_error, stopper.best_epoch, stopper.best_nll, stopper.patience_left)
         if stop:
             break

@@ -58,21 +58,23 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def plot_curves(stem: Path, val_nll: list[float], val_error: list[float], test_nll: float, test_error: float,
-                title: str) -> None:
-    """Validation NLL and error per epoch, the test value dashed, as the original notebook drew them."""
+def plot_curves(stem: Path, val_nll: list[float | None], val_error: list[float | None], test_nll: float,
+                test_error: float, title: str) -> None:
+    """Validation NLL and error per epoch, the test value dashed, as the original notebook drew them.
+    Epochs that were not validated (None: --val-every) are left out."""
     import matplotlib
     matplotlib.use("Agg")  # headless: training runs on servers
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, curve, test, label, colour in ((axes[0], val_nll, test_nll, "NLL", "tab:blue"),
                                           (axes[1], val_error, test_error, "error", "tab:red")):
-        epochs = range(1, len(curve) + 1)  # counted from 1, as the training output and /models count them
-        ax.plot(epochs, curve, color=colour, linewidth=2, label=f"val {label}")
+        # counted from 1, as the training output and /models count them
+        epochs, values = zip(*((epoch, value) for epoch, value in enumerate(curve, 1) if value is not None))
+        ax.plot(epochs, values, color=colour, linewidth=2, label=f"val {label}")
         ax.hlines(test, 1, max(len(curve), 2), linestyles="dashed", color="black", label=f"test {label} {test:.3f}")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
-        ax.set_yscale("log" if min(curve) > 0 else "linear")
+        ax.set_yscale("log" if min(values) > 0 else "linear")
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()

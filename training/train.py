@@ -163,7 +163,7 @@ def train_svhn(args) -> tuple[Path, dict] | None:
         started = time.perf_counter()
         history = fit(model, train_x, train_y, val_x, val_y, recipe, max_epochs=args.max_epochs,
                       patience=args.patience, progress=rank == 0, desc="svhn cnn", bf16=cuda, channels_last=cuda,
-                      compile=args.compile)
+                      compile=args.compile, val_every=args.val_every)
         if rank != 0:
             return None
         if world > 1:  # torchrun's OMP_NUM_THREADS=1 suits the training ranks; the export's CPU checks run here alone
@@ -173,7 +173,7 @@ def train_svhn(args) -> tuple[Path, dict] | None:
         config = {"max_epochs": args.max_epochs, "patience": args.patience, "recipe": asdict(recipe),
                   "data_dir": str(args.data_dir.resolve()), "verify_md5": not args.skip_md5,
                   "val_fraction": args.val_fraction, "world_size": world, "compile": args.compile,
-                  "model_kwargs": model_kwargs,
+                  "val_every": args.val_every, "model_kwargs": model_kwargs,
                   "train_images": len(train_idx), "val_images": len(val_idx), "bf16": cuda}
         metrics = run_metrics("svhn", "cnn", spec.summary, svhn.data_record(args.data_dir, train_all, test), args.seed,
                               config, device, started, history, result, reproducibility)

@@ -1,7 +1,6 @@
 """Each training benchmark of bench/ run for real at its smallest (`python -m bench.NAME` in a
 subprocess from the repository root: one arch, one seed, one epoch, a few images): it exits 0 and
-prints its Markdown table. The GPU scripts (bench/gpu_serve.sh, bench/gpu_train.sh) are not run here:
-their CPU dry runs train and serve for minutes."""
+prints its Markdown table. The GPU scripts' dry runs: test_gpu_scripts_dry_run.py."""
 import os
 
 import pytest

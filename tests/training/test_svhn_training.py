@@ -143,6 +143,21 @@ def test_short_cpu_run_splits_trains_and_exports(synth_dir, tmp_path):
         assert np.array_equal(embedded["x"], svhn.load_split(synth_dir, "test", verify_md5=False).x)
 
 
+@pytest.mark.slow
+def test_a_run_validated_every_second_epoch_records_the_others_as_null_and_is_servable(synth_dir, tmp_path):
+    result = run_training("svhn", "--data-dir", str(synth_dir), "--skip-md5", "--max-epochs", "3", "--device", "cpu",
+                          "--batch-size", "32", "--width", "8", "--val-every", "2", "--out", str(tmp_path / "runs"))
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["config"]["val_every"] == 2 and metrics["epochs_run"] == 3
+    assert metrics["val_nll"][0] is None and None not in metrics["val_nll"][1:]  # epoch 2, and 3, the last
+    (entry,) = registry.scan(run_dir / "export", "onnx")
+    served = entry.manifest["metrics"]
+    assert entry.available and served["val_nll"] == metrics["val_nll"] and served["val_error"][0] is None
+    assert served["val_nll"][served["best_epoch"]] is not None  # what routing compares models by
+
+
 def test_data_record_tells_official_synthetic_and_other_files_apart(synth_dir, tmp_path, monkeypatch):
     train, test = (svhn.load_split(synth_dir, split, verify_md5=False) for split in ("train", "test"))
     assert svhn.data_record(synth_dir, train, test)["name"] == "svhn-synthetic"
