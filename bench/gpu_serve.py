@@ -4,9 +4,9 @@ each model named (a 32x32 colour crop or an 8x8 digit, by the model's input). Pe
 errors, GPU utilisation (nvidia-smi sampled every 200 ms; none without it) and, for digitserve, the
 batcher's batch sizes (the difference of /metrics' histogram over the run). Also each served model's
 start-up verification on that backend and device, as /models reports it. Prints Markdown and writes
-gpu_serve.md and gpu_serve.json into --out.
+gpu_serve.md and gpu_serve.json into --out. bench/gpu_serve.sh runs it on a GPU machine.
 
-    python -m bench.gpu_serve --exports DIR --models svhn-w64 digits-cnn [--backends onnx torchscript]
+    .venv/bin/python -m bench.gpu_serve --exports DIR --models svhn-w64 digits-cnn [--backends onnx torchscript]
         [--device cuda] [--workers 16] [--connections 384] [--seconds 10] [--warmup-seconds 2]
         [--load auto|wrk|python] [--out DIR]
 """
