@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from serving import images, schemas
 from serving.errors import InputError
@@ -41,7 +40,7 @@ async def read_request(request: Request, limit: int) -> tuple[list[tuple], Optio
     content_type = request.headers.get("content-type", "")
     media_type = content_type.partition(";")[0].strip().lower()
     if media_type == "multipart/form-data":
-        inputs, given = await parse_multipart(request, body)
+        inputs, given = parse_multipart(content_type, body)
     elif media_type in ("application/json", ""):
         inputs, given = parse_json(body)
     elif media_type in IMAGE_TYPES:
@@ -60,8 +59,6 @@ def options(fields, where: str) -> dict:
     for name, value in fields.items():
         if name not in Options.NAMES:
             raise InputError(f"unknown {where} {name[:50]!r}; the options are {', '.join(Options.NAMES)}", 422)
-        if isinstance(value, UploadFile):
-            raise InputError(f"form field {name!r} must be a value, not a file", 422)
         values[name] = (value or None if name == "model" else
                         parse_share(value, name) if name == "unsure_below" else parse_bool(value, name))
     return values
@@ -112,20 +109,56 @@ def parse_bool(value: str | None, name: str) -> bool | None:
     raise InputError(f"{name} must be true or false, got {value[:50]!r}", 422)
 
 
-async def parse_multipart(request: Request, body: bytes) -> tuple[list, dict]:
-    async def replay():  # the body already read (and size-checked), handed to Starlette's form parser
-        return {"type": "http.request", "body": body, "more_body": False}
+MAX_FIELDS = 16  # form fields (options) in one multipart body; files: MAX_IMAGES_PER_REQUEST
+
+
+def parse_multipart(content_type: str, body: bytes) -> tuple[list, dict]:
+    """A multipart body already read, parsed in one pass by python-multipart's parser (Starlette's
+    form() spools each file through a temporary-file object: 4 times the cost of a small upload)."""
+    boundary = parse_options_header(content_type)[1].get(b"boundary")
+    if not boundary:
+        raise InputError("malformed multipart body: its Content-Type names no boundary", 400)
+    parts: list[tuple[dict, list]] = []  # (headers, chunks of the content)
+    header = [b"", b""]
+
+    def begin():
+        if len(parts) >= MAX_IMAGES_PER_REQUEST + MAX_FIELDS:
+            raise InputError(f"malformed multipart body: more than {MAX_IMAGES_PER_REQUEST} files and "
+                             f"{MAX_FIELDS} fields", 400)
+        parts.append(({}, []))
+
+    def header_end():
+        parts[-1][0][header[0].lower()] = header[1]
+        header[:] = [b"", b""]
+    callbacks = {"on_part_begin": begin, "on_header_end": header_end,
+                 "on_header_field": lambda data, start, end: header.__setitem__(0, header[0] + data[start:end]),
+                 "on_header_value": lambda data, start, end: header.__setitem__(1, header[1] + data[start:end]),
+                 "on_part_data": lambda data, start, end: parts[-1][1].append(data[start:end])}
     try:
-        form = await Request(request.scope, replay).form(max_files=MAX_IMAGES_PER_REQUEST, max_fields=16)
-    except HTTPException as err:  # Starlette's own limits (too many files or fields)
-        raise InputError(f"malformed multipart body: {err.detail}", 400) from None
-    except Exception as err:  # the multipart parser raises several types for malformed bodies
+        parser = MultipartParser(boundary, callbacks)
+        parser.write(body)
+        parser.finalize()
+    except InputError:
+        raise
+    except Exception as err:  # the parser raises several types for malformed bodies
         raise InputError(f"malformed multipart body: {images.one_line(err)}", 400) from None
-    given = options({key: value for key, value in form.multi_items() if key in Options.NAMES or
-                     not isinstance(value, UploadFile)}, "form field")
-    inputs = [(value.filename or key, "bytes", await value.read())
-              for key, value in form.multi_items() if isinstance(value, UploadFile)]
-    return inputs, given
+    fields, inputs = {}, []
+    for headers, chunks in parts:
+        disposition, params = parse_options_header(headers.get(b"content-disposition", b""))
+        if disposition != b"form-data" or b"name" not in params:
+            raise InputError("malformed multipart body: a part without 'Content-Disposition: form-data; name=...'",
+                             400)
+        name = params[b"name"].decode("utf-8", "replace")
+        if b"filename" not in params:
+            fields[name] = b"".join(chunks).decode("utf-8", "replace")
+        elif name in Options.NAMES:
+            raise InputError(f"form field {name!r} must be a value, not a file", 422)
+        else:
+            inputs.append((params[b"filename"].decode("utf-8", "replace") or name, "bytes", b"".join(chunks)))
+    if len(inputs) > MAX_IMAGES_PER_REQUEST or len(fields) > MAX_FIELDS:
+        raise InputError(f"malformed multipart body: more than {MAX_IMAGES_PER_REQUEST} files or {MAX_FIELDS} "
+                         "fields", 400)
+    return inputs, options(fields, "form field")
 
 
 def parse_json(body: bytes) -> tuple[list, dict]:
