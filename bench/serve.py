@@ -1,15 +1,16 @@
 """Serving throughput and latency: digitserve (LitServe) against a minimal FastAPI + ONNX Runtime
-endpoint, same artifact, same machine, same load, in one run.
+endpoint with one process and with one per core, same artifact, same machine, same load, in one run.
 
     .venv/bin/python -m bench.serve [--model digits-cnn] [--connections 32] [--seconds 20]
                                     [--backend onnx|torchscript] [--device auto|cpu|cuda]
-                                    [--exports DIR] [--load auto|wrk|python] [--baseline-workers N]
+                                    [--exports DIR] [--load auto|wrk|python] [--baseline-workers 1 N]
                                     [--warmup-seconds 3] [--ceiling-seconds 5] [-- MORE SERVER FLAGS]
 
 Single-image PNG multipart uploads, one per request: an 8x8 digit for grayscale models, a 32x32
 RGB crop for RGB (SVHN-shaped) models. Load comes from `wrk` (Debian package) in its own process,
 or from bench/load.py (several processes) where wrk is missing. Also reports the in-process
-ceiling (decode + one-image inference on the same backend, no HTTP). Prints a Markdown section.
+ceiling (decode + one-image inference on the same backend, no HTTP, one thread) times the cores,
+and digitserve's share of it. Prints a Markdown section.
 """
 import argparse
 import json
@@ -54,7 +55,35 @@ def wait_for(url: str, timeout: float = 60) -> None:
     raise TimeoutError(url)
 
 
+def measure_baseline(command: list[str], workers: int, load, body: Path, args) -> dict:
+    """One comparison server (`command` + PORT --workers N), loaded as digitserve is."""
+    port = free_port()
+    baseline = subprocess.Popen([sys.executable, "-m", *command, str(port), "--workers", str(workers)], cwd=ROOT)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/")
+        url = f"http://127.0.0.1:{port}/predict"
+        if args.warmup_seconds:
+            load(url, body, args.connections, args.warmup_seconds)
+        return load(url, body, args.connections, args.seconds)
+    finally:
+        baseline.terminate()
+        baseline.wait()
+
+
+def measure_digitserve(load, body: Path, args) -> dict:
+    server = ServerProcess(args.exports, args=("--backend", args.backend, "--device", args.device, *args.server_flags))
+    try:
+        server.wait_ready()
+        url = f"{server.url}/predict?model={args.model}"
+        if args.warmup_seconds:
+            load(url, body, args.connections, args.warmup_seconds)
+        return load(url, body, args.connections, args.seconds)
+    finally:
+        server.stop()
+
+
 def main() -> None:
+    cores = len(os.sched_getaffinity(0))
     parser = argparse.ArgumentParser()
     parser.add_argument("--exports", type=Path, default=ROOT / "exports")
     parser.add_argument("--model", default="digits-cnn")
@@ -63,7 +92,8 @@ def main() -> None:
     parser.add_argument("--backend", default="onnx", choices=["onnx", "torchscript"])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--load", default="auto", choices=["auto", "wrk", "python"])
-    parser.add_argument("--baseline-workers", type=int, default=1, help="uvicorn processes of the FastAPI baseline")
+    parser.add_argument("--baseline-workers", type=int, nargs="+", default=sorted({1, cores}),
+                        help="uvicorn processes of the FastAPI baseline, one run each (default: 1 and one per core)")
     parser.add_argument("--warmup-seconds", type=int, default=3, help="load before each measured run (0: none)")
     parser.add_argument("--ceiling-seconds", type=float, default=5.0, help="length of the in-process measurement")
     parser.add_argument("server_flags", nargs="*", help="extra flags for python -m serving (after --)")
@@ -74,41 +104,32 @@ def main() -> None:
     body = Path(tempfile.mkdtemp()) / "body.bin"
     body.write_bytes(multipart(data))
     load = run_wrk if args.load == "wrk" or (args.load == "auto" and shutil.which("wrk")) else run_python_load
-
-    port = free_port()
     try:  # the baseline runs ONNX Runtime: on CUDA only where it has the provider
         baseline_device = BACKENDS["onnx"].resolve(args.device)
     except BackendError:
         baseline_device = "cpu"
-    baseline = subprocess.Popen([sys.executable, "-m", "bench.fastapi_baseline", str(folder), str(port),
-                                 "--device", baseline_device, "--workers", str(args.baseline_workers)], cwd=ROOT)
-    server = ServerProcess(args.exports, args=("--backend", args.backend, "--device", args.device,
-                                               *args.server_flags))
-    try:
-        server.wait_ready()
-        wait_for(f"http://127.0.0.1:{port}/docs")
-        results = {}
-        for name, url in (("FastAPI + ORT", f"http://127.0.0.1:{port}/predict"),
-                          ("digitserve", f"{server.url}/predict?model={args.model}")):
-            if args.warmup_seconds:
-                load(url, body, args.connections, args.warmup_seconds)
-            results[name] = load(url, body, args.connections, args.seconds)
-    finally:
-        server.stop()
-        baseline.terminate()
-        baseline.wait()
+    # One server at a time: each has the machine's cores to itself (and the load generator's share).
+    fastapi = ["bench.fastapi_baseline", "--device", baseline_device, str(folder)]
+    baselines = {workers: measure_baseline(fastapi, workers, load, body, args) for workers in args.baseline_workers}
+    floor = measure_baseline(["bench.asgi_floor"], cores, load, body, args)
+    ours = measure_digitserve(load, body, args)
     ceiling = in_process_ceiling(folder, data, args.backend, args.device, args.ceiling_seconds)
-    ratio = results["digitserve"]["rps"] / results["FastAPI + ORT"]["rps"]
-    print(f"## Serving (`python -m bench.serve {' '.join(sys.argv[1:])}`), {platform.machine()}, "
-          f"{os.cpu_count()} cores\n")
+    print(f"## Serving (`python -m bench.serve {' '.join(sys.argv[1:])}`), {platform.machine()}, {cores} cores\n")
     print(f"Single-image PNG uploads to `{args.model}` ({args.backend}, device {args.device}; baseline "
-          f"{baseline_device}, {args.baseline_workers} process(es)), "
-          f"{args.connections} connections, {args.seconds} s, load from {load.__name__} in its own process(es).\n")
+          f"{baseline_device}), {args.connections} connections, {args.seconds} s each, one server at a time, load "
+          f"from {load.__name__} in its own process(es).\n")
     print("| server | req/s | p50 ms | p99 ms | non-2xx | socket errors |\n|---|---|---|---|---|---|")
-    for name, r in results.items():
+    rows = {f"FastAPI + ORT, {workers} process{'es' if workers > 1 else ''}": r for workers, r in baselines.items()}
+    floor_name = f"bare ASGI app, constant answer, {cores} processes (the floor)"
+    for name, r in {**rows, "digitserve": ours, floor_name: floor}.items():
         print(f"| {name} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['non2xx']} | {r['socket_errors']} |")
-    print(f"\nRatio digitserve / FastAPI: **{ratio:.2f}×**. In-process ceiling (decode + one-image inference, "
-          f"one thread, no HTTP): {ceiling:.0f} images/s.")
+    ratios = ", ".join(f"**{ours['rps'] / r['rps']:.2f}×** {name}" for name, r in rows.items())
+    spread = baselines[min(baselines)]["p99"] - baselines[min(baselines)]["p50"]
+    print(f"\nRatio digitserve / {ratios}. digitserve's p99 {ours['p99']:.1f} ms against twice the single-process "
+          f"baseline's p50-to-p99 spread, {2 * spread:.1f} ms. In-process ceiling (decode + one-image inference, one "
+          f"thread, no HTTP): {ceiling:.0f} images/s; × {cores} cores = {ceiling * cores:.0f}; digitserve reaches "
+          f"**{ours['rps'] / (ceiling * cores):.0%}** of it; the bare ASGI app, which neither decodes nor infers, "
+          f"{floor['rps'] / (ceiling * cores):.0%}.")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ import pytest
 # (script, flags for a run of a few seconds, what its report must show)
 TINY_RUNS = [
     ("serve", ["--seconds", "1", "--warmup-seconds", "0", "--ceiling-seconds", "0.5", "--connections", "2",
-               "--load", "python"], ["## Serving (`python -m bench.serve", "| FastAPI + ORT |", "| digitserve |",
-                                     "In-process ceiling"]),
+               "--load", "python", "--baseline-workers", "1", "2"],
+     ["## Serving (`python -m bench.serve", "| FastAPI + ORT, 1 process |", "| FastAPI + ORT, 2 processes |",
+      "| digitserve |", "Ratio digitserve / ", "In-process ceiling", "digitserve reaches"]),
     ("overload", ["--connections", "8", "--seconds", "1"], ["## Overload (`python -m bench.overload",
                                                            "| connections | answered/s | accepted/s", "| 8 |"]),
     ("soak", ["--valid", "40", "--hostile", "20", "--connections", "4", "--warmup", "40"],
