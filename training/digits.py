@@ -3,8 +3,12 @@ when a split is: the command line reads INPUT_SPEC before torch may be imported.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 # The original split, by position and without shuffling: the last 447 digits are the test set.
 SPLITS = {"train": slice(0, 1000), "val": slice(1000, 1350), "test": slice(1350, 1797)}
