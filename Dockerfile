@@ -33,6 +33,7 @@ ARG ORT_VERSION=1.31.1
 ARG WITH_TORCH=false
 # OpenTelemetry traces (the [otel] extra), on when the container's OTEL_TRACES_EXPORTER asks for them.
 ARG WITH_OTEL=false
+ARG OTEL_VERSION=1.45.2
 ARG PIP_INDEX_URL=""
 ARG PIP_EXTRA_INDEX_URL=""
 ARG PIP_TRUSTED_HOST=""
@@ -52,7 +53,8 @@ RUN case "${DEVICE}" in \
       *) echo "DEVICE must be gpu or cpu, not '${DEVICE}'" >&2; exit 1 ;; \
     esac \
  && if [ "${WITH_TORCH}" = "true" ]; then pip install "torch>=2.4,<2.15"; fi \
- && if [ "${WITH_OTEL}" = "true" ]; then pip install ".[otel]"; fi
+ && if [ "${WITH_OTEL}" = "true" ]; then pip install "opentelemetry-sdk==${OTEL_VERSION}" \
+      "opentelemetry-exporter-otlp-proto-http==${OTEL_VERSION}"; fi
 # What serving does not need (bench/RESULTS.md, "Container images", measures each):
 # - cuFFT (and nvJitLink, which only cuFFT requires): ONNX Runtime's CUDA provider does not link it,
 #   and onnxruntime.preload_dlls() treats it as optional; only DFT/STFT graphs would use it (torch does)
