@@ -7,7 +7,7 @@ PORT ?= 8000
 # ONNX Runtime's GPU build where NVIDIA's driver reports a GPU, its CPU build elsewhere (pyproject's extras).
 ORT ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: serve digits test chromium clean image image-test
+.PHONY: serve digits test test-long chromium clean image image-test
 
 # The service alone: no torch, no test tools.
 $(VENV)/.serve: pyproject.toml
@@ -37,6 +37,11 @@ chromium:
 
 test: $(VENV)/.dev chromium
 	$(PY) -m pytest -q
+
+# What `make test` leaves out for time: the bench scripts' tiny runs, the GPU scripts' dry runs and the
+# end-to-end checks that repeat what faster tests pin (pytest's `long` mark; about 5 minutes).
+test-long: $(VENV)/.dev chromium
+	$(PY) -m pytest -q -m long
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

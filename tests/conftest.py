@@ -1,5 +1,5 @@
 """Shared by every test: the reproducible-mode pins (before anything imports torch), `python -m ...`
-from the checkout (the `cli` fixture), the container tests skipped unless -m selects them, and a
+from the checkout (the `cli` fixture), the container and long tests skipped unless -m selects them, and a
 retrained digits-mlp export (`retrained`). Helpers: tests/helpers.py, and bench/harness.py for what the
 benchmarks share."""
 import os
@@ -26,14 +26,19 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 240, env: dict | None
                           timeout=timeout, umask=umask)
 
 
+# Marked tests that run only when -m names their mark: each takes long enough to matter to CI's time.
+OPT_IN = {"container": "builds and runs the container images: make image-test (pytest -m container)",
+          "long": "a long check: make test-long (pytest -m long)"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """The container tests build and run images for minutes: only when -m selects them (make image-test)."""
-    if "container" in (config.getoption("markexpr") or ""):
-        return
-    skip = pytest.mark.skip(reason="builds and runs the container images: make image-test (pytest -m container)")
-    for item in items:
-        if item.get_closest_marker("container"):
-            item.add_marker(skip)
+    selected = config.getoption("markexpr") or ""
+    for mark, reason in OPT_IN.items():
+        if mark in selected:
+            continue
+        for item in items:
+            if item.get_closest_marker(mark):
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ def test_trust_reports_calibration_abstention_and_non_digits(cli):
         assert text in result.stdout, result.stdout
 
 
+@pytest.mark.long
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed (make chromium)")
 def test_drawings_are_replayed_on_the_page_and_reported(cli, scratch):
     result = cli("bench.drawings", "--per-variant", "1", "--models", "digits-photo-cnn",

@@ -39,6 +39,7 @@ def test_every_panel_is_drawn_from_saved_answers(cli, tmp_path):
         assert image.format == "PNG" and image.width == 1920 and image.height > 1500
 
 
+@pytest.mark.long
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="Prometheus not installed (apt-get install prometheus)")
 def test_a_short_run_answers_every_panel_from_a_real_prometheus(cli, scratch):
     result = cli("bench.dashboard_shot", "--phase-seconds", "4", "--out", str(scratch / "d.png"), "--data",

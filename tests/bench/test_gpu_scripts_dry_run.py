@@ -22,7 +22,7 @@ def script(name: str, *args: str, timeout: float = 120, **env: str) -> subproces
                           timeout=timeout, env={**os.environ, "PYTHON": sys.executable, **env})
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_gpu_serve_dry_run_serves_measures_and_reports_verification(scratch):
     result = script("gpu_serve.sh", DRY_RUN="1", RESULTS=str(scratch), TMPDIR=str(scratch))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -40,7 +40,7 @@ def test_gpu_serve_dry_run_serves_measures_and_reports_verification(scratch):
     assert "| digitserve | onnx | svhn-synthetic-w64 |" in (scratch / "gpu_serve.md").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_gpu_train_dry_run_trains_each_run_and_tables_it(scratch):
     result = script("gpu_train.sh", DRY_RUN="1", RESULTS=str(scratch), TMPDIR=str(scratch))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -5,29 +5,35 @@ import os
 
 import pytest
 
-# (script, flags for a run of a few seconds, what its report must show)
+
+def tiny(script: str, flags: list[str], report: list[str], long: bool = False):
+    """A script, flags for a run of a few seconds, what its report must show; long: only in make test-long."""
+    return pytest.param(script, flags, report, id=script, marks=[pytest.mark.long] if long else [])
+
+
 TINY_RUNS = [
-    ("serve", ["--seconds", "1", "--warmup-seconds", "0", "--ceiling-seconds", "0.5", "--connections", "2",
-               "--load", "python", "--baseline-workers", "1", "2"],
-     ["## Serving (`python -m bench.serve", "| FastAPI + ORT, 1 process |", "| FastAPI + ORT, 2 processes |",
-      "| digitserve |", "Ratio digitserve / ", "In-process ceiling", "digitserve reaches"]),
-    ("overload", ["--connections", "8", "--seconds", "1"], ["## Overload (`python -m bench.overload",
-                                                           "| connections | answered/s | accepted/s", "| 8 |"]),
-    ("soak", ["--valid", "40", "--hostile", "20", "--connections", "4", "--warmup", "40"],
-     ["| process | RSS after warm-up MB |", "valid requests not answered 200: 0", "targets", ": met"]),
-    ("hostile", ["--requests", "100", "--connections", "4"], ["100 hostile requests in",
-                                                              "5xx, hangs or transport errors: 0"]),
-    ("decode_bomb", ["--seconds", "1"], ["/health while bombs were sent (1 s,", "bomb answers {413:"]),
-    ("exhaustion", ["--seconds", "1", "--megabytes", "2", "--names", "20", "--bomb-megabytes", "64"],
-     ["## Exhaustion (`python -m bench.exhaustion", "| attack | measured | target |",
-      "| 20 distinct 60 KB names on /models/NAME | 414 each", "rejected: test_set.npz"]),
-    ("reload_memory", ["--reloads", "2"], ["reload    2:", "2 reloads of svhn-synthetic-cnn in"]),
-    ("insight", ["--seconds", "1", "--warmup-seconds", "0", "--rounds", "1", "--connections", "2", "--feedback", "12"],
-     ["## Production insight", "| prediction log + traces |", "The OTLP sink took", ": exact"]),
+    tiny("serve", ["--seconds", "1", "--warmup-seconds", "0", "--ceiling-seconds", "0.5", "--connections", "2",
+                   "--load", "python", "--baseline-workers", "1", "2"],
+         ["## Serving (`python -m bench.serve", "| FastAPI + ORT, 1 process |", "| FastAPI + ORT, 2 processes |",
+          "| digitserve |", "Ratio digitserve / ", "In-process ceiling", "digitserve reaches"]),
+    tiny("overload", ["--connections", "8", "--seconds", "1"],
+         ["## Overload (`python -m bench.overload", "| connections | answered/s | accepted/s", "| 8 |"]),
+    tiny("soak", ["--valid", "40", "--hostile", "20", "--connections", "4", "--warmup", "40"],
+         ["| process | RSS after warm-up MB |", "valid requests not answered 200: 0", "targets", ": met"], long=True),
+    tiny("hostile", ["--requests", "100", "--connections", "4"],
+         ["100 hostile requests in", "5xx, hangs or transport errors: 0"], long=True),
+    tiny("decode_bomb", ["--seconds", "1"], ["/health while bombs were sent (1 s,", "bomb answers {413:"], long=True),
+    tiny("exhaustion", ["--seconds", "1", "--megabytes", "2", "--names", "20", "--bomb-megabytes", "64"],
+         ["## Exhaustion (`python -m bench.exhaustion", "| attack | measured | target |",
+          "| 20 distinct 60 KB names on /models/NAME | 414 each", "rejected: test_set.npz"], long=True),
+    tiny("reload_memory", ["--reloads", "2"], ["reload    2:", "2 reloads of svhn-synthetic-cnn in"], long=True),
+    tiny("insight", ["--seconds", "1", "--warmup-seconds", "0", "--rounds", "1", "--connections", "2", "--feedback",
+                     "12"],
+         ["## Production insight", "| prediction log + traces |", "The OTLP sink took", ": exact"], long=True),
 ]
 
 
-@pytest.mark.parametrize("script, flags, report", TINY_RUNS, ids=[run[0] for run in TINY_RUNS])
+@pytest.mark.parametrize("script, flags, report", TINY_RUNS)
 def test_a_load_tool_runs_tiny_and_reports(cli, scratch, script, flags, report):
     result = cli(f"bench.{script}", *flags, env={**os.environ, "TMPDIR": str(scratch)}, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

@@ -3,7 +3,10 @@ subprocess, against the servers it starts on loopback): it exits 0 and prints it
 modes agreeing and the --max-queue 1 run answering every image."""
 import os
 
+import pytest
 
+
+@pytest.mark.long
 def test_predict_folder_runs_tiny_and_reports(cli, scratch):
     result = cli("bench.predict_folder", "--images", "300", "--seconds", "1", "--load", "python", "--connections", "4",
                  "--overload-images", "60", env={**os.environ, "TMPDIR": str(scratch)}, timeout=120)

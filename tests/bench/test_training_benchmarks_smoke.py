@@ -27,7 +27,7 @@ def tiny_runs(scratch):
     }
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("script", ["digits", "notebook_replay", "sweep_digits", "reproducibility", "svhn_cpu",
                                     "photo_digits"])
 def test_a_training_benchmark_runs_tiny_and_reports(cli, scratch, script):

@@ -133,6 +133,7 @@ def test_cli_single_run_writes_complete_run_folder(cli, tmp_path):
     assert f"-> {run_dir}" in result.stdout
 
 
+@pytest.mark.long
 def test_cli_all_writes_comparison_table(cli, tmp_path):
     synth = tmp_path / "synth"  # a small set of generated pictures: the defaults take minutes to draw
     digits_synth.write(synth, {"train": 100, "val": 50, "test": 50, "outliers": 50}, 0, 1)

@@ -30,6 +30,7 @@ def train_cnn(cli, out, *flags, env):
     return (run_dir / "model.pt").read_bytes(), json.loads((run_dir / "metrics.json").read_text())
 
 
+@pytest.mark.long
 def test_pinned_runs_give_the_same_weights_under_another_machines_dispatch(cli, tmp_path):
     """The same command on this machine as it is and as a 1-core AVX2 machine would present itself:
     different kernels and thread counts unpinned, the same arithmetic pinned, so the same weights.

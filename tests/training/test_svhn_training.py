@@ -175,6 +175,7 @@ def test_data_record_tells_official_synthetic_and_other_files_apart(synth_dir, t
     assert embed_test_set(tmp_path, test.x, test.y, record) == {} and not (tmp_path / "test_set.npz").exists()
 
 
+@pytest.mark.long
 def test_two_process_gloo_run_writes_once(synth_dir, tmp_path):
     result = run_training("svhn", "--data-dir", str(synth_dir), "--skip-md5", "--max-epochs", "2", "--device", "cpu",
                           "--out", str(tmp_path / "runs"), nproc=2)
