@@ -27,7 +27,7 @@ $(VENV)/.dev: $(VENV)/.serve
 serve: $(VENV)/.serve
 	$(PY) -m serving --exports exports --host $(HOST) --port $(PORT)
 
-# Retrain the four digits models + k-NN and print the comparison table.
+# Retrain the five digits architectures + k-NN and print the comparison table.
 digits: $(VENV)/.dev
 	$(PY) -m training digits --all
 

@@ -8,8 +8,8 @@
 `predict` takes a path, image file bytes, a PIL image or a NumPy array (8x8 on 0..16, 32x32x3 on
 0..255; a stack of them is many), one or a list, with the service's options (`model`, `resize`,
 `invert`, `raw`, `unsure_below`, `model_input`). Many inputs are sent in requests within the server's
-limits (256 inputs, and `max_request_bytes`: 1 MiB, the server's default payload limit and the size
-up to which it reads bodies without rationing), `concurrency` of them at a time. Where a request is
+limits (256 inputs, and `max_request_bytes`: 1 MiB, the size up to which the server reads bodies
+without rationing; its payload limit is 16 MiB by default), `concurrency` of them at a time. Where a request is
 refused for one bad input, it is split until the bad ones are found: with `errors="return"` each
 failed input's place holds its exception, the others their answers; otherwise the first is raised.
 

@@ -77,9 +77,11 @@ class FeedbackStore:
         return gone
 
     def live_accuracy(self) -> dict[tuple[str, str], tuple[int, int]]:
-        """(model, version) -> (answers told, of which right), over the predictions held."""
+        """(model, version) -> (answers told, of which right), over the predictions in the feedback window
+        (older ones wait for the next prune, and no longer count)."""
         rows = self.db.execute("SELECT model, version, COUNT(*), SUM(truth = label) FROM predictions "
-                               "WHERE truth IS NOT NULL GROUP BY model, version")
+                               "WHERE truth IS NOT NULL AND at >= ? GROUP BY model, version",
+                               (time.time() - self.days * 86400,))
         return {(model, version): (told, right) for model, version, told, right in rows}
 
     def close(self) -> None:

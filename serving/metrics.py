@@ -75,7 +75,7 @@ class Metrics:
                                "the log and /models/NAME) and removed, per HTTP process's reload.",
                                ["model", "event"], registry=r)
         self.rejected = Gauge("digitserve_model_rejected", "1 for the last version of a model that was not served, "
-                              "with the step it failed (export, load, test_split, metrics, unverified, unexpected; "
+                              "with the step it failed (export, load, test_split, metrics, calibration, unverified, unexpected; "
                               "the reason is in the log and /models/NAME); cleared once a version is served.",
                               ["model", "version", "step"], multiprocess_mode="livemax", registry=r)
         self.model_info = Gauge("digitserve_model_info", "1 for each model in the exports folder: the version "

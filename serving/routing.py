@@ -135,8 +135,10 @@ def by_header(catalog: Catalog, image, resize: bool) -> tuple[ServedModel, str]:
         if not grey and (colour := default_of_colour(catalog, COLOUR)) is not None:
             return colour, f"resize=true: the image has colour, and a colour model is served{for_photos(colour)}"
         served = default_of_colour(catalog, GREY) or default_of_colour(catalog, COLOUR)
-        return served, (f"resize=true: the default model for {described(input_key(served.manifest['input']))} "
-                        f"images{for_photos(served)}")
+        kind = described(input_key(served.manifest["input"]))
+        if served.manifest["input"].get("resized"):  # not the default of its size: say why it answers
+            return served, f"resize=true: the model for {kind} images trained on photos and drawings"
+        return served, f"resize=true: the default model for {kind} images"
     raise InputError(f"image is {width}x{height}; the served models take {catalog.accepted()} images (or pass "
                      "resize=true)", 422)
 

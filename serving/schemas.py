@@ -63,7 +63,7 @@ class TestFile(BaseModel):
 
 
 class DataRecord(BaseModel):
-    name: str = Field(description="sklearn-digits | svhn | svhn-synthetic | svhn-format")
+    name: str = Field(description="sklearn-digits | sklearn-digits+photos | svhn | svhn-synthetic | svhn-format")
     description: str
     test_file: TestFile | None = Field(None, description="the test file /evaluate reads from the server's --data-dir")
 

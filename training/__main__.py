@@ -1,7 +1,7 @@
 """Command line: `python -m training digits ...` (and `svhn`, `svhn-synth`, `export`).
 
     python -m training digits --arch cnn                # one run into runs/
-    python -m training digits --all                     # the four archs + k-NN, comparison table
+    python -m training digits --all                     # the five archs + k-NN, comparison table
     python -m training svhn --data-dir data/svhn        # SVHN CNN (torchrun --nproc-per-node N for DDP)
     python -m training svhn-synth --out data/synth      # synthetic crops in the official .mat layout
     python -m training export runs/RUN --to exports     # re-export a run for the server

@@ -16,6 +16,9 @@ from serving.service import MAX_IMAGES_PER_REQUEST
 
 DATATYPES = {"FP32": np.float32, "UINT8": np.uint8}
 MANIFEST_DATATYPES = {"float32": "FP32", "uint8": "UINT8"}
+# After the log-probabilities, one value a row: how far to trust it, calibrated as /predict answers it
+# (serving/answers.py; candidates comma-separated), and its prediction ID for /feedback.
+ROW_OUTPUTS = {"confidence": "FP32", "decision": "BYTES", "candidates": "BYTES", "id": "BYTES"}
 INFER_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": schemas.V2InferRequest.model_json_schema()}}}}
 
@@ -50,7 +53,8 @@ async def model_metadata(name: str, request: Request):
     return {"name": name, "versions": [m["version"]], "platform": f"digitserve_{service_of(request).config.backend}",
             "inputs": [{"name": m["input"]["name"], "datatype": MANIFEST_DATATYPES[m["input"]["dtype"]],
                         "shape": [-1 if d is None else d for d in m["input"]["shape"]]}],
-            "outputs": [{"name": m["output"]["name"], "datatype": "FP32", "shape": [-1, 10]}]}
+            "outputs": [{"name": m["output"]["name"], "datatype": "FP32", "shape": [-1, 10]},
+                        *({"name": key, "datatype": datatype, "shape": [-1]} for key, datatype in ROW_OUTPUTS.items())]}
 
 
 @router.get("/models/{name}/ready", dependencies=AUTH, responses=schemas.ERROR_RESPONSES, summary="Model readiness")
@@ -89,13 +93,13 @@ async def infer(name: str, request: Request):
     return {"model_name": name, "model_version": model.version, "id": infer_request.id,
             "outputs": [{"name": model.manifest["output"]["name"], "shape": list(log_probs.shape),
                          "datatype": "FP32", "data": log_probs.ravel().tolist()},
-                        # how far to trust each row (serving/answers.py): calibrated, as /predict answers it
-                        {"name": "confidence", "shape": [n], "datatype": "FP32", "data": [a["confidence"] for a in trusted]},
-                        {"name": "decision", "shape": [n], "datatype": "BYTES", "data": [a["decision"] for a in trusted]},
-                        {"name": "candidates", "shape": [n], "datatype": "BYTES",
-                         "data": [",".join(map(str, a["candidates"])) for a in trusted]},
-                        # each row's prediction ID, for /feedback
-                        {"name": "id", "shape": [n], "datatype": "BYTES", "data": [a["id"] for a in trusted]}]}
+                        *({"name": key, "shape": [n], "datatype": datatype, "data": [v2_value(row[key]) for row in trusted]}
+                          for key, datatype in ROW_OUTPUTS.items())]}
+
+
+def v2_value(value):
+    """A BYTES row holds a string: a list (the candidates) is written comma-separated."""
+    return ",".join(map(str, value)) if isinstance(value, list) else value
 
 
 def tensor_array(tensor: schemas.V2Tensor, spec: dict) -> np.ndarray:

@@ -107,7 +107,9 @@ def test_resize_prefers_a_model_trained_on_photos_and_plain_uploads_keep_the_def
     sheet = np.full((120, 90), 255, np.uint8)
     sheet[20:100, 44:47] = 0
     routed = route_image(catalog, upload(sheet, "L"), None, invert=None, resize=True)
-    assert routed.model.name == "photos" and "trained on photos and drawings" in routed.reason
+    # it is not the default model of its size, and the reason does not call it one
+    assert routed.model.name == "photos"
+    assert routed.reason == "resize=true: the model for 8x8 grey images trained on photos and drawings"
     bitmap = np.zeros((8, 8), np.uint8)
     assert route_image(catalog, upload(bitmap, "L"), None, invert=None, resize=False).model.name == "plain"
     assert route_image(catalog, upload(sheet, "L"), "plain", invert=None, resize=True).model.name == "plain"

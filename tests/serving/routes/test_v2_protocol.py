@@ -17,6 +17,8 @@ def test_v2_metadata_and_infer_round_trip(client, exports, test_digits):
     body = client.post("/v2/models/digits-cnn/infer", json=request, headers={"X-Request-ID": "r1"}).json()
     assert body["id"] == "req-42" and body["model_name"] == "digits-cnn"
     output, confidence, decision, candidates, ids = body["outputs"]
+    # the metadata names every output infer answers, with its datatype (it named only the first)
+    assert [(o["name"], o["datatype"]) for o in meta["outputs"]] == [(o["name"], o["datatype"]) for o in body["outputs"]]
     assert ids["data"] == ["r1/0", "r1/1", "r1/2", "r1/3"]  # each row's prediction ID, for /feedback
     assert output["shape"] == [4, 10] and output["datatype"] == "FP32"
     log_probs = np.asarray(output["data"]).reshape(4, 10)
