@@ -27,9 +27,9 @@ def tiny_runs(scratch):
     }
 
 
-@pytest.mark.long
-@pytest.mark.parametrize("script", ["digits", "notebook_replay", "sweep_digits", "reproducibility", "svhn_cpu",
-                                    "photo_digits"])
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["notebook_replay", "sweep_digits", *(
+    pytest.param(script, marks=pytest.mark.long) for script in ("digits", "reproducibility", "svhn_cpu", "photo_digits"))])
 def test_a_training_benchmark_runs_tiny_and_reports(cli, scratch, script):
     flags, report = tiny_runs(scratch)[script]
     result = cli(f"bench.{script}", *flags, env={**os.environ, "TMPDIR": str(scratch)}, timeout=180)
