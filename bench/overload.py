@@ -1,9 +1,10 @@
 """Admission control: single 8x8 PNG uploads at far more connections than the machine can serve.
 Targets (2 cores, 512 connections): p99 of the accepted requests <= 200 ms, every other request a
-fast 503, none hanging.
+fast 503, none hanging; with clients resending at once, 2,048 connections: accepted throughput >= 70 %
+of the unloaded throughput (the same load at `--unloaded-connections`, within --max-queue, first).
 
     .venv/bin/python -m bench.overload [--connections 512 2048] [--seconds 20] [--tool python|wrk]
-                                       [-- SERVER FLAGS]
+                                       [--unloaded-connections 32] [--no-backoff] [-- SERVER FLAGS]
 
 Each connection sends its next request as soon as the last is answered, and, as HTTP clients and
 load balancers should, waits the Retry-After of a 503 first (times 0.5-1.5, the usual jitter that
@@ -23,12 +24,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--backoff", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--tool", choices=["python", "wrk"], default="python")
+    parser.add_argument("--unloaded-connections", type=int, default=32, help="the reference run (0: none)")
     parser.add_argument("server_flags", nargs="*")
     args = parser.parse_args()
     body = upload_body(ROOT / "exports" / "digits-cnn")
     rows = []
     with running_server(ROOT / "exports", *args.server_flags) as server:
-        for connections in args.connections:
+        for connections in ([args.unloaded_connections] if args.unloaded_connections else []) + args.connections:
             if args.tool == "wrk":
                 rows.append((connections, run_wrk(f"{server.url}/predict", body, connections, args.seconds)))
                 continue
@@ -47,6 +49,11 @@ def main() -> None:
     for connections, r in rows:
         print(f"| {connections} | {r['rps']:.0f} | {r['ok_rps']:.0f} | {r['ok_p50']:.1f} | {r['ok_p99']:.1f} | "
               f"{r['shed']} | {r['shed_p99']:.1f} | {r['max']:.0f} | {r['socket_errors']} |")
+    if args.unloaded_connections:
+        unloaded = rows[0][1]["ok_rps"]
+        shares = ", ".join(f"{connections}: **{r['ok_rps'] / unloaded:.0%}**" for connections, r in rows[1:])
+        print(f"\nAccepted throughput as a share of the unloaded run's ({args.unloaded_connections} connections, "
+              f"{unloaded:.0f}/s): {shares}.")
 
 
 if __name__ == "__main__":

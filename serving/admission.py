@@ -20,6 +20,8 @@ class Admission:
     the process is full, the HTTP protocol refuses it before the application sees it
     (serving/connections.py: this is its Door), which costs a fraction of an answer."""
 
+    retry_after = Overloaded.retry_after
+
     def __init__(self, limit: int, metrics: Metrics):
         self.limit, self.metrics = limit, metrics
         self.in_progress = 0
