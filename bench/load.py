@@ -6,7 +6,8 @@ keep-alive connections on asyncio streams, each connection sending one request a
 
 Prints one JSON line: requests/s, p50/p99 latency (ms), non-2xx responses, connection errors; and
 for admission control, the same for the 2xx answers alone and for the 503s (shed). `--backoff`: on a
-503 with Retry-After, wait that long (times 0.5-1.5, the usual jitter) before the next request.
+503 with Retry-After, wait that long plus up to half more (jitter; Retry-After is the least a client
+waits, RFC 9110) before the next request.
 """
 import argparse
 import asyncio
@@ -41,7 +42,7 @@ async def connection(host: str, port: int, request: bytes, deadline: float, late
             if not 200 <= status < 300:
                 failures.append("non2xx")
             if backoff and retry_after:  # as a well-behaved client does: Retry-After, with jitter
-                pause = retry_after * random.uniform(0.5, 1.5)
+                pause = retry_after * random.uniform(1.0, 1.5)
                 await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
         except (OSError, asyncio.IncompleteReadError, IndexError, ValueError):
             failures.append("connection")

@@ -7,8 +7,8 @@ of the unloaded throughput (the same load at `--unloaded-connections`, within --
                                        [--unloaded-connections 32] [--no-backoff] [-- SERVER FLAGS]
 
 Each connection sends its next request as soon as the last is answered, and, as HTTP clients and
-load balancers should, waits the Retry-After of a 503 first (times 0.5-1.5, the usual jitter that
-keeps refused clients from returning all at once); `--no-backoff` resends at once
+load balancers should, waits the Retry-After of a 503 first (times 1-1.5, the usual jitter that
+keeps refused clients from returning all at once; Retry-After is the least a client waits); `--no-backoff` resends at once
 (every refused client hammering: the worst case). `--tool wrk` sends the same load from wrk (an
 external tool, which resends at once and reports the latency of every answer, 503s included).
 """

@@ -18,11 +18,12 @@ stop that leaves no keep-alive client cut off mid-request.
   application each refusal cost nearly what an answer costs (routing, middleware, a task), so under
   overload refusing crowded out serving. Here a request that `door` refuses is answered by the
   protocol: no ASGI task is made, its body is read and dropped, and the same 503 + Retry-After is
-  written (counted as shed, as the application would). A client that resends on the same connection
-  sooner than Retry-After, and is refused again, gets that refusal once Retry-After has passed since
-  the last one, its connection unread meanwhile: clients that ignore Retry-After (2,048 of them
-  resending at once left 9 % of the unloaded throughput to accepted requests) cost one refusal a
-  second each, and those that honour it are not slowed. A pipelined request gets the refusal first.
+  written (counted as shed, as the application would). Retry-After is the least a client must wait
+  (RFC 9110): one that resends on the same connection sooner, and is refused again, gets that refusal
+  once Retry-After has passed since the last one, its connection unread meanwhile. Clients that ignore
+  it (2,048 of them resending at once left 9 % of the unloaded throughput to accepted requests) cost
+  one refusal a second each; those that honour it are not slowed. A pipelined request gets the held
+  refusal first.
 - On a graceful stop uvicorn closes idle keep-alive connections at once, racing a client that is
   sending its next request on one (it sees a reset). Here an idle connection lingers for
   SHUTDOWN_LINGER seconds: a request that arrives is answered, with `Connection: close`.
@@ -178,7 +179,7 @@ def guarded_protocol(limits: Config, refused_counter, door: Door) -> type:
             supplied = [value for name, value in self.headers if name == request_ids.HEADER]
             request_id = request_ids.usable(supplied[0] if len(supplied) == 1 else None)
             wait = self.refused_at + door.retry_after - self.loop.time()
-            if wait > 0 and not self.stopping:  # resent sooner than Retry-After: refused when it has passed
+            if wait > 0 and not self.stopping:  # back too soon: refused when it may come back
                 self.flow.pause_reading()
                 self.held_refusal = (self.loop.call_later(wait, self.release_refusal), self.parser.should_keep_alive(),
                                      request_id)
