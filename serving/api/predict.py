@@ -1,7 +1,9 @@
 """POST /predict: one or several images (or pixel arrays) in, one answer per input out."""
+import json
 import time
 
 from fastapi import APIRouter, Request
+from fastapi.responses import Response
 
 from serving import answers, images, schemas
 from serving.api.bodies import Options, read_request
@@ -51,7 +53,10 @@ async def predict(request: Request):
         service.prediction_log.record(request.state.request_id, predictions,
                                       [value if kind == "bytes" else None for _, kind, value in inputs],
                                       [r.array for r in routed], started)
-    return {"predictions": predictions}
+    # Written here, not through response_model: FastAPI's validation and re-encoding of the answer cost
+    # about 5 % of a request's CPU (bench/RESULTS.md, issue 28). The model still documents it, and
+    # tests/serving/test_schema_fuzz.py checks answers against it.
+    return Response(json.dumps({"predictions": predictions}, separators=(",", ":")), media_type="application/json")
 
 
 def prediction(id_: str, label: str, routed: Routed, output: answers.Scored, batch_images: int, options: Options,

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from bench.harness import png, png_chunk
-from serving import inference
+from serving import inference, schemas
 from serving.config import Config
 from tests.helpers import digit_png, in_process, metric, offline, synthetic_svhn
 
@@ -99,6 +99,15 @@ def test_model_input_comes_when_asked_and_only_with_uploads(client, test_digits)
     assert "model_input" in client.post("/predict", data={"model_input": "true"}, files=upload).json()["predictions"][0]
     answer = client.post("/predict", json={"pixels": [images[0].tolist()], "model_input": True}).json()["predictions"][0]
     assert "model_input" not in answer
+
+
+@pytest.mark.parametrize("options", [{}, {"model_input": "true", "raw": "true"}, {"unsure_below": "0.999"}])
+def test_answers_are_what_the_documented_schema_says(client, test_digits, options):
+    """The route writes its JSON itself (not through FastAPI's response_model): it must still match it."""
+    images, _ = test_digits
+    body = client.post("/predict", data=options, files=[("file", ("a.png", digit_png(images[0]))),
+                                                        ("file", ("b.png", digit_png(images[1])))]).json()
+    assert schemas.PredictResponse.model_validate(body).model_dump(mode="json", exclude_none=True) == body
 
 
 def bomb_png() -> bytes:
