@@ -27,7 +27,11 @@ from export_contract import test_split
 
 SETTINGS = {"off": ([], {}),
             "prediction log": (["--prediction-log", "{log}"], {}),
-            "prediction log + traces": (["--prediction-log", "{log}"], {"OTEL_TRACES_EXPORTER": "otlp"})}
+            "prediction log + traces": (["--prediction-log", "{log}"], {"OTEL_TRACES_EXPORTER": "otlp"}),
+            # the SDK's own sampler: one trace in ten kept, the others' spans never recorded
+            "prediction log + traces, 10 % sampled": (["--prediction-log", "{log}"], {
+                "OTEL_TRACES_EXPORTER": "otlp", "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": "0.1"})}
 
 
 class Sink(BaseHTTPRequestHandler):

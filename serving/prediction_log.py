@@ -9,17 +9,18 @@ an API key, or anything the client named: file names are made here.
 
 Requests never wait for the disk: lines go into a bounded queue, and when it is full (a slow or
 stuck disk) they are dropped and counted (`digitserve_prediction_log_dropped_total{reason}`). One
-thread per HTTP process writes them, a batch at a time: to `predictions-<host>-<pid>.jsonl`, rotated
+thread per HTTP process writes them every FLUSH_SECONDS, what has come as a batch (a thread woken
+for each line cost the event loop a third of its throughput at 5,000 predictions/s, GIL hand-offs): to `predictions-<host>-<pid>.jsonl`, rotated
 by size (logging.handlers.RotatingFileHandler), and into the feedback store (serving/feedback_store.py).
 A failed write (a full disk) drops that batch, counted, and the next batch tries again.
 """
 import base64
+import collections
 import hashlib
 import json
 import logging
 import logging.handlers
 import os
-import queue
 import random
 import socket
 import threading
@@ -32,7 +33,8 @@ from serving.feedback_store import FeedbackStore
 from serving.metrics import Metrics
 
 QUEUE_LINES = 10_000   # lines waiting for the writer; beyond, new ones are dropped
-BATCH_LINES = 1_000    # lines written (and indexed) together
+BATCH_LINES = 1_000    # lines written (and indexed) together, at most
+FLUSH_SECONDS = 0.25   # the writer's pause between batches (POST /feedback waits longer for a line in transit)
 PRUNE_SECONDS = 60.0   # how often the writer forgets predictions past the feedback window
 log = logging.getLogger("digitserve")
 
@@ -53,7 +55,8 @@ class PredictionLog:
                  metrics: Metrics):
         self.folder, self.sample, self.inputs, self.days, self.metrics = folder, sample, inputs, days, metrics
         self.max_bytes, self.backups = max_bytes, backups
-        self.lines: queue.Queue = queue.Queue(QUEUE_LINES)
+        self.lines: collections.deque = collections.deque()  # appended by the event loop, taken by the writer
+        self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
         self.store: FeedbackStore | None = None  # the writer thread's connection
         self.warned_at = -60.0
@@ -82,10 +85,10 @@ class PredictionLog:
 
     def put(self, line: dict) -> None:
         """Never waits: a full queue drops the line, counted."""
-        try:
-            self.lines.put_nowait(line)
-        except queue.Full:
+        if len(self.lines) >= QUEUE_LINES:
             self.metrics.log_dropped.labels("queue_full").inc()
+        else:
+            self.lines.append(line)
 
     # --- the writer thread, one per HTTP process ---
 
@@ -96,10 +99,7 @@ class PredictionLog:
     def stop(self, seconds: float = 2.0) -> None:
         """Write what is queued (for at most `seconds`), then end the thread."""
         if self.thread is not None:
-            try:
-                self.lines.put(None, timeout=seconds)
-            except queue.Full:
-                pass
+            self.stopping.set()
             self.thread.join(seconds)
 
     def run(self) -> None:
@@ -108,14 +108,9 @@ class PredictionLog:
         pruned_at = time.monotonic()
         try:
             while True:
-                batch = [self.lines.get()]
-                while len(batch) < BATCH_LINES and batch[-1] is not None:
-                    try:
-                        batch.append(self.lines.get_nowait())
-                    except queue.Empty:
-                        break
-                ending = batch[-1] is None
-                self.write(file, [line for line in batch if line is not None])
+                ending = self.stopping.wait(FLUSH_SECONDS)
+                while self.lines:
+                    self.write(file, [self.lines.popleft() for _ in range(min(BATCH_LINES, len(self.lines)))])
                 if self.store is not None and time.monotonic() - pruned_at > PRUNE_SECONDS:
                     pruned_at = time.monotonic()
                     self.attempt(self.store.prune, "prune")

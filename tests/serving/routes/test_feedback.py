@@ -33,14 +33,16 @@ def logged(digits_only, tmp_path_factory):
         yield client, folder
 
 
-def lines(folder, kind: str) -> list[dict]:
-    """The log's lines of one type, once the writer has written them."""
+def lines(folder, kind: str, at_least: int = 1, having: str | None = None) -> list[dict]:
+    """The log's lines of one type, once the writer has written `at_least` of them and the one with the
+    ID `having` (it writes a batch every few tenths of a second), or 5 s have passed."""
     deadline = time.monotonic() + 5
     while True:
-        found = [json.loads(text) for path in sorted(folder.glob("predictions-*.jsonl*"))
-                 for text in path.read_text().splitlines()]
-        if found or time.monotonic() > deadline:
-            return [line for line in found if line["type"] == kind]
+        found = [line for path in sorted(folder.glob("predictions-*.jsonl*"))
+                 for line in map(json.loads, path.read_text().splitlines()) if line["type"] == kind]
+        done = len(found) >= at_least and (having is None or any(line["id"] == having for line in found))
+        if done or time.monotonic() > deadline:
+            return found
         time.sleep(0.05)
 
 
@@ -53,7 +55,7 @@ def predict(client, image, request_id: str) -> dict:
 def test_a_logged_prediction_holds_its_answer_and_input_and_no_header(logged, test_digits):
     client, folder = logged
     answer = predict(client, test_digits[0][5], "log-line-1")
-    (line,) = [line for line in lines(folder, "prediction") if line["id"] == "log-line-1"]
+    (line,) = [line for line in lines(folder, "prediction", having="log-line-1") if line["id"] == "log-line-1"]
     upload = digit_png(test_digits[0][5])
     assert {k: line[k] for k in ("model", "version", "label", "confidence", "decision", "request_id")} == {
         "model": answer["model"], "version": answer["version"], "label": answer["label"],
@@ -85,7 +87,7 @@ def test_the_true_label_is_told_once_and_counted_exactly(logged, test_digits):
     assert metric(client, "digitserve_feedback_total", model="digits-cnn", version=version, right="true") == sum(told)
     live = client.get("/models/digits-cnn").json()["live"]
     assert live["versions"][version] == {"told": 20, "right": sum(told), "accuracy": sum(told) / 20}
-    feedback = {line["id"]: line for line in lines(folder, "feedback")}
+    feedback = {line["id"]: line for line in lines(folder, "feedback", at_least=20)}
     assert feedback["told-0"]["truth"] != feedback["told-0"]["label"] and len(feedback) >= 20
 
 
@@ -144,10 +146,11 @@ def test_a_full_disk_drops_lines_and_answers_every_request(digits_only, small_tm
             time.sleep(0.1)
         (small_tmpfs / "filler").unlink()  # room again: the next lines are written
         predict(client, test_digits[0][0], "after-room")
-        assert any(line["id"] == "after-room" for line in lines(log_folder, "prediction"))
+        assert any(line["id"] == "after-room" for line in lines(log_folder, "prediction", having="after-room"))
 
 
-def test_the_log_is_rotated_by_size_keeping_the_files_asked_for(tmp_path):
+def test_the_log_is_rotated_by_size_keeping_the_files_asked_for(tmp_path, monkeypatch):
+    monkeypatch.setattr(prediction_log, "FLUSH_SECONDS", 0.01)
     log = prediction_log.PredictionLog(tmp_path, 1.0, "none", max_bytes=3000, backups=2, days=7,
                                        metrics=Metrics(models=[]))
     log.start()
@@ -155,7 +158,7 @@ def test_the_log_is_rotated_by_size_keeping_the_files_asked_for(tmp_path):
         for i in range(10):
             log.put({"type": "feedback", "at": 0.0, "id": f"r{batch}-{i}", "model": "m", "version": "v", "label": 1,
                      "truth": 1})
-        while log.lines.qsize():
+        while log.lines:
             time.sleep(0.01)
         time.sleep(0.05)
     log.stop()
@@ -173,7 +176,7 @@ def test_a_store_that_cannot_open_costs_the_index_not_the_log(tmp_path):
     log.start()
     for i in range(3):
         log.put({"type": "prediction", "at": 0.0, "id": f"p{i}", "model": "m", "version": "v", "label": 1})
-        while log.lines.qsize():
+        while log.lines:
             time.sleep(0.01)
         time.sleep(0.05)
     log.stop()
