@@ -1,7 +1,7 @@
 """What production insight costs, and whether live accuracy is exact (issue 26's targets): throughput
 of single 8x8 PNG uploads with tracing and the prediction log off, with the log at 100 % sampling,
-and with both (spans sent by OTLP/HTTP to a local sink that answers 200, as a collector would),
-measured in alternating rounds in one run; then predictions and their true labels posted
+with both (spans sent by OTLP/HTTP to a local sink that answers 200, as a collector would), and
+with both and 1 trace in 10 kept by the SDK's sampler, measured in alternating rounds in one run; then predictions and their true labels posted
 interleaved, and /metrics' live accuracy compared with the share of right answers.
 
     .venv/bin/python -m bench.insight [--seconds 10] [--rounds 2] [--connections 32] [--feedback 1000]

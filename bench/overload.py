@@ -49,7 +49,7 @@ def main() -> None:
     for connections, r in rows:
         print(f"| {connections} | {r['rps']:.0f} | {r['ok_rps']:.0f} | {r['ok_p50']:.1f} | {r['ok_p99']:.1f} | "
               f"{r['shed']} | {r['shed_p99']:.1f} | {r['max']:.0f} | {r['socket_errors']} |")
-    if args.unloaded_connections:
+    if args.unloaded_connections and rows[0][1]["ok_rps"]:
         unloaded = rows[0][1]["ok_rps"]
         shares = ", ".join(f"{connections}: **{r['ok_rps'] / unloaded:.0%}**" for connections, r in rows[1:])
         print(f"\nAccepted throughput as a share of the unloaded run's ({args.unloaded_connections} connections, "

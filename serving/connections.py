@@ -20,7 +20,9 @@ stop that leaves no keep-alive client cut off mid-request.
   protocol: no ASGI task is made, its body is read and dropped, and the same 503 + Retry-After is
   written (counted as shed, as the application would). Retry-After is the least a client must wait
   (RFC 9110): one that resends on the same connection sooner, and is refused again, gets that refusal
-  once Retry-After has passed since the last one, its connection unread meanwhile. Clients that ignore
+  once Retry-After has passed since the last one, its connection unread meanwhile (only where that
+  connection's previous request was the refused one: behind a proxy one connection carries many
+  clients). Clients that ignore
   it (2,048 of them resending at once left 9 % of the unloaded throughput to accepted requests) cost
   one refusal a second each; those that honour it are not slowed. A pipelined request gets the held
   refusal first.
@@ -92,6 +94,7 @@ def guarded_protocol(limits: Config, refused_counter, door: Door) -> type:
             self.head_bytes = 0           # bytes read while the head was incomplete (URL, headers)
             self.shedding = False         # this request is refused by `door`: its body is dropped
             self.refused_at = float("-inf")  # when `door`'s last refusal on this connection was written
+            self.refused_last = False     # and whether the connection's last request was that one
             self.held_refusal = None      # (timer, keep_alive, request_id) of a refusal held back until then
 
         def connection_lost(self, exc) -> None:
@@ -131,6 +134,9 @@ def guarded_protocol(limits: Config, refused_counter, door: Door) -> type:
 
         def on_message_begin(self) -> None:  # the first byte of a request (the next one on a kept-alive connection)
             self.release_refusal()  # a pipelined request: the refusal before it is answered first
+            # A refusal written while this read was parsed armed uvicorn's keep-alive timer, which is
+            # otherwise cancelled only when the next read arrives: it must not close this request.
+            self._unset_keepalive_if_required()
             super().on_message_begin()
             self.awaiting_headers = True
             self.head_bytes = self.header_bytes = self.header_count = 0
@@ -162,6 +168,7 @@ def guarded_protocol(limits: Config, refused_counter, door: Door) -> type:
                     and door.refuses(self.parser.get_method(), httptools.parse_url(self.url).path)):
                 self.shedding = True  # no ASGI task: the body is read and dropped, then the refusal written
                 return
+            self.refused_last = False  # a proxy's connection carries many clients: one answered resets it
             super().on_headers_complete()
             if self.stopping and self.cycle is not None:
                 self.cycle.keep_alive = False  # the last request on this connection
@@ -179,7 +186,7 @@ def guarded_protocol(limits: Config, refused_counter, door: Door) -> type:
             supplied = [value for name, value in self.headers if name == request_ids.HEADER]
             request_id = request_ids.usable(supplied[0] if len(supplied) == 1 else None)
             wait = self.refused_at + door.retry_after - self.loop.time()
-            if wait > 0 and not self.stopping:  # back too soon: refused when it may come back
+            if wait > 0 and self.refused_last and not self.stopping:  # back too soon: refused when it may come back
                 self.flow.pause_reading()
                 self.held_refusal = (self.loop.call_later(wait, self.release_refusal), self.parser.should_keep_alive(),
                                      request_id)
@@ -194,7 +201,7 @@ def guarded_protocol(limits: Config, refused_counter, door: Door) -> type:
                 self.write_refusal(keep_alive, request_id)
 
         def write_refusal(self, keep_alive: bool, request_id: str) -> None:
-            self.refused_at = self.loop.time()
+            self.refused_at, self.refused_last = self.loop.time(), True
             self.transport.write(door.answer(keep_alive and not self.stopping, request_id))
             if keep_alive and not self.stopping:
                 self.on_response_complete()  # uvicorn's: the keep-alive timer, reading again, the next pipelined request

@@ -6,7 +6,7 @@ Each process's log writer adds its predictions in one transaction per batch of l
 (serving/prediction_log.py); POST /feedback sets a prediction's `truth` once. A prediction takes
 feedback for `--feedback-days` days, and the file holds at most MAX_PREDICTIONS of them (the oldest
 go first): older IDs are unknown, as if they never were. Live accuracy is counted here, exactly,
-over the feedback received for the predictions still held.
+over the feedback received for the predictions inside the window.
 """
 import sqlite3
 import time

@@ -9,8 +9,8 @@ an API key, or anything the client named: file names are made here.
 
 Requests never wait for the disk: lines go into a bounded queue, and when it is full (a slow or
 stuck disk) they are dropped and counted (`digitserve_prediction_log_dropped_total{reason}`). One
-thread per HTTP process writes them every FLUSH_SECONDS, what has come as a batch (a thread woken
-for each line cost the event loop a third of its throughput at 5,000 predictions/s, GIL hand-offs): to `predictions-<host>-<pid>.jsonl`, rotated
+thread per HTTP process writes what has come every FLUSH_SECONDS (woken for each line, it cost the
+event loop a third of its throughput at 5,000 predictions/s: GIL hand-offs), a batch at a time: to `predictions-<host>-<pid>.jsonl`, rotated
 by size (logging.handlers.RotatingFileHandler), and into the feedback store (serving/feedback_store.py).
 A failed write (a full disk) drops that batch, counted, and the next batch tries again.
 """
@@ -93,6 +93,7 @@ class PredictionLog:
     # --- the writer thread, one per HTTP process ---
 
     def start(self) -> None:
+        self.stopping.clear()
         self.thread = threading.Thread(target=self.run, name="prediction-log", daemon=True)
         self.thread.start()
 
@@ -109,8 +110,11 @@ class PredictionLog:
         try:
             while True:
                 ending = self.stopping.wait(FLUSH_SECONDS)
-                while self.lines:
-                    self.write(file, [self.lines.popleft() for _ in range(min(BATCH_LINES, len(self.lines)))])
+                waiting = len(self.lines)  # what has come by now: lines arriving meanwhile wait for the next pass
+                while waiting:
+                    batch = [self.lines.popleft() for _ in range(min(BATCH_LINES, waiting))]
+                    waiting -= len(batch)
+                    self.write(file, batch)
                 if self.store is not None and time.monotonic() - pruned_at > PRUNE_SECONDS:
                     pruned_at = time.monotonic()
                     self.attempt(self.store.prune, "prune")

@@ -119,7 +119,7 @@ def parse_multipart(content_type: str, body: bytes) -> tuple[list, dict]:
     if not boundary:
         raise InputError("malformed multipart body: its Content-Type names no boundary", 400)
     parts: list[tuple[dict, list]] = []  # (headers, chunks of the content)
-    header = [b"", b""]
+    header, ended = [b"", b""], [0]
 
     def begin():
         if len(parts) >= MAX_IMAGES_PER_REQUEST + MAX_FIELDS:
@@ -133,7 +133,8 @@ def parse_multipart(content_type: str, body: bytes) -> tuple[list, dict]:
     callbacks = {"on_part_begin": begin, "on_header_end": header_end,
                  "on_header_field": lambda data, start, end: header.__setitem__(0, header[0] + data[start:end]),
                  "on_header_value": lambda data, start, end: header.__setitem__(1, header[1] + data[start:end]),
-                 "on_part_data": lambda data, start, end: parts[-1][1].append(data[start:end])}
+                 "on_part_data": lambda data, start, end: parts[-1][1].append(data[start:end]),
+                 "on_part_end": lambda: ended.__setitem__(0, ended[0] + 1)}
     try:
         parser = MultipartParser(boundary, callbacks)
         parser.write(body)
@@ -142,6 +143,8 @@ def parse_multipart(content_type: str, body: bytes) -> tuple[list, dict]:
         raise
     except Exception as err:  # the parser raises several types for malformed bodies
         raise InputError(f"malformed multipart body: {images.one_line(err)}", 400) from None
+    if ended[0] < len(parts):  # the parser keeps a part cut off by the body's end
+        raise InputError("malformed multipart body: it ends before its closing boundary", 400)
     fields, inputs = {}, []
     for headers, chunks in parts:
         disposition, params = parse_options_header(headers.get(b"content-disposition", b""))

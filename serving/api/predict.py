@@ -25,7 +25,7 @@ PREDICT_BODY = {"requestBody": {"required": True, "content": {
 router = APIRouter(tags=["prediction"])
 
 
-@router.post("/predict", dependencies=AUTH, response_model=schemas.PredictResponse, response_model_exclude_none=True,
+@router.post("/predict", dependencies=AUTH, response_model=schemas.PredictResponse,
              responses=schemas.ERROR_RESPONSES, openapi_extra=PREDICT_BODY,
              summary="Classify one or several images (8x8 digits, 32x32 house-number crops, or photos with resize)")
 async def predict(request: Request):
@@ -56,7 +56,8 @@ async def predict(request: Request):
     # Written here, not through response_model: FastAPI's validation and re-encoding of the answer cost
     # about 5 % of a request's CPU (bench/RESULTS.md, issue 28). The model still documents it, and
     # tests/serving/test_schema_fuzz.py checks answers against it.
-    return Response(json.dumps({"predictions": predictions}, separators=(",", ":")), media_type="application/json")
+    return Response(json.dumps({"predictions": predictions}, separators=(",", ":"), allow_nan=False),
+                    media_type="application/json")
 
 
 def prediction(id_: str, label: str, routed: Routed, output: answers.Scored, batch_images: int, options: Options,

@@ -182,12 +182,21 @@ def test_a_refused_request_is_let_go_at_once_not_when_its_connection_ends():
     assert asyncio.run(refuse_many()) < 30 * 20_000
 
 
-def answers_over_time(*steps, full: bool = True) -> tuple[list[tuple[float, bytes]], list[int], Transport]:
+async def slow_app(scope, receive, send):
+    """Answers 200 after 0.3 s."""
+    await asyncio.sleep(0.3)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def answers_over_time(*steps, full: bool = True, lost_after: int | None = None, timeout_keep_alive: float = 5
+                      ) -> tuple[list[tuple[float, bytes]], list[int], Transport]:
     """Feed each step's bytes (or wait its seconds, or call protocol.shutdown() for "stop") on one
-    connection to a full process: the status lines written, with when (seconds from the start), and
-    how many had been written after each step."""
+    connection to a full process whose application is `slow_app`: the status lines written, with when
+    (seconds from the start), and how many had been written after each step. `lost_after`: the client
+    hangs up after that many steps."""
     async def run():
-        config = Config(lambda scope, receive, send: None, log_level="warning")
+        config = Config(slow_app, log_level="warning", timeout_keep_alive=timeout_keep_alive)
         config.load()
         loop, written, counts = asyncio.get_running_loop(), [], []
 
@@ -195,10 +204,19 @@ def answers_over_time(*steps, full: bool = True) -> tuple[list[tuple[float, byte
             def write(self, data):
                 super().write(data)
                 written.extend((loop.time() - start, status) for status in re.findall(rb"HTTP/1.1 (\d+)", data))
+
+            closed_at = None
+
+            def close(self):
+                if self.closed_at is None:
+                    self.closed_at = loop.time() - start
+                super().close()
         protocol = guarded_protocol(LIMITS, Counter(), Door(full))(config, ServerState(), {})
         transport, start = Timed(), loop.time()
         protocol.connection_made(transport)
-        for step in steps:
+        for i, step in enumerate(steps):
+            if i == lost_after:
+                protocol.connection_lost(None)
             if step == "stop":
                 protocol.shutdown()
             elif isinstance(step, bytes):
@@ -206,7 +224,8 @@ def answers_over_time(*steps, full: bool = True) -> tuple[list[tuple[float, byte
             else:
                 await asyncio.sleep(step)
             counts.append(len(written))
-        protocol.connection_lost(None)
+        if lost_after is None:
+            protocol.connection_lost(None)
         return written, counts, transport
     return asyncio.run(run())
 
@@ -232,3 +251,25 @@ def test_a_pipelined_request_releases_the_held_refusal_before_it_is_read():
 def test_a_stop_releases_a_held_refusal_at_once_with_connection_close():
     _, counts, transport = answers_over_time(PREDICT, PREDICT, "stop")
     assert counts == [1, 1, 2] and transport.written.endswith(b"connection: close\r\n\r\n")
+
+
+def test_a_client_that_hangs_up_gets_no_held_refusal_written_after():
+    _, counts, _ = answers_over_time(PREDICT, PREDICT, 0.5, lost_after=2)
+    assert counts == [1, 1, 1]
+
+
+def test_a_request_answered_between_two_refusals_means_no_hold(monkeypatch):
+    """Behind a proxy one connection carries many clients: only a refusal right after a refusal is held."""
+    monkeypatch.setattr(Door, "retry_after", 1.0)
+    health = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    _, counts, _ = answers_over_time(PREDICT, health, 0.35, PREDICT)
+    assert counts == [1, 1, 2, 3]  # the 200 after 0.3 s, then the refusal at once
+
+
+def test_a_request_pipelined_after_a_refusal_is_not_cut_off_by_the_keep_alive_timer():
+    """The refusal armed uvicorn's keep-alive timer while the same read was parsed: it closed the
+    connection 0.2 s into the request behind it, before its answer."""
+    health = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    written, _, transport = answers_over_time(PREDICT + health, 0.4, timeout_keep_alive=0.2)
+    assert [status for _, status in written] == [b"503", b"200"]
+    assert transport.closed_at is None or transport.closed_at > written[1][0]  # not closed before its answer
