@@ -66,7 +66,7 @@ RUN sp="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
  && if [ "${DEVICE}" = "gpu" ] && [ "${WITH_TORCH}" != "true" ]; then pip uninstall -y nvidia-cufft nvidia-nvjitlink; fi \
  && rm -rf "${sp}"/nvidia/*/include \
  && find "${sp}" -path '*/nvidia/*' \( -name '*.a' -o -name 'libnvblas.so*' \) -delete \
- && keep="$(python -c 'from serving.routes import DOCS_FILES; print(" ".join(DOCS_FILES))') LICENSE" \
+ && keep="$(python -c 'from serving.api.operations import DOCS_FILES; print(" ".join(DOCS_FILES))') LICENSE" \
  && for f in "${sp}"/swagger_ui/static/*; do case " ${keep} " in *" ${f##*/} "*) ;; *) rm "${f}" ;; esac; done \
  && rm -rf "${sp}"/onnxruntime/transformers "${sp}"/onnxruntime/quantization "${sp}"/onnxruntime/tools \
            /opt/venv/bin/onnxruntime_test /opt/venv/bin/digitserve-train \

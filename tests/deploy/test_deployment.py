@@ -3,6 +3,7 @@ Kubernetes and compose manifests. The CMD and SIGTERM with real servers on loopb
 validated (hadolint, kubernetes-validate). The images themselves are built and run by
 tests/deploy/test_container.py (make image-test), not by every CI run."""
 import asyncio
+import importlib
 import json
 import os
 import re
@@ -148,3 +149,12 @@ def test_compose_reserves_a_gpu_and_mounts_exports():
     assert "./exports:/app/exports:ro" in compose["volumes"]
     (device,) = compose["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+
+
+def test_the_dockerfiles_python_lines_import_what_exists():
+    """The image build runs `python -c 'from serving... import NAME'`: a module that moved broke the
+    build only minutes into it (serving.routes, after the reshape of issue 22)."""
+    imports = re.findall(r"from ([\w.]+) import (\w+)", (ROOT / "Dockerfile").read_text())
+    assert imports
+    for module, name in imports:
+        assert hasattr(importlib.import_module(module), name), f"{module}.{name}"
