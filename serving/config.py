@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=integer(1), default=defaults.max_queue,
                    help="inference requests in progress per HTTP process; beyond it they get 503 at once")
     p.add_argument("--max-connections", type=integer(1), default=defaults.max_connections,
-                   help="open connections per HTTP process; beyond it requests get 503")
+                   help="open connections per HTTP process; beyond it requests get 503 (default: 4096, or what "
+                        "the open-files limit allows)")
     p.add_argument("--read-timeout", type=number(0.1, 600), default=defaults.read_timeout,
                    help="seconds a request may take to arrive whole (headers and body); then 408")
     p.add_argument("--send-timeout", type=number(0.1, 600), default=defaults.send_timeout,
@@ -190,14 +191,28 @@ def parse(argv: list[str] | None = None, environ: dict | None = None) -> Config:
             raise ConfigError(f"{name}={text}: choose from {', '.join(map(str, action.choices))}")
         values[action.dest] = value
     api_key = environ.get(env_name("api_key")) or None
+    if explicit.max_connections is None and not environ.get(env_name("max_connections")):
+        values["max_connections"] = default_connections(values["max_connections"])
     config = Config(**{f.name: values[f.name] for f in fields(Config) if f.name in values}, api_key=api_key)
     check_open_files(config.max_connections)
     return config
 
 
+RESERVED_FILES = 256  # one HTTP process's own descriptors: models, metrics files, logs, its sockets
+
+
 def open_files_needed(connections: int) -> int:
     """Descriptors one HTTP process needs for `connections` connections, with room for its own files."""
-    return connections + 1024
+    return connections + RESERVED_FILES
+
+
+def default_connections(wanted: int) -> int:
+    """The default --max-connections where the open-files hard limit allows it, else what it allows:
+    a container run with `ulimit -Hn 1024` starts with 768, and an explicit value too high is an error."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, hard - RESERVED_FILES))
 
 
 def check_open_files(connections: int) -> None:

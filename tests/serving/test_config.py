@@ -93,9 +93,17 @@ def test_a_bad_flag_exits_2_with_one_line(capsys, argv, message):
 
 def test_connections_beyond_the_open_file_limit_are_refused(monkeypatch):
     monkeypatch.setattr(config.resource, "getrlimit", lambda kind: (1024, 8192))
-    assert parse(["--max-connections", "7168"], {}).max_connections == 7168  # 7168 + 1024 files: the hard limit
-    with pytest.raises(ConfigError, match="--max-connections 7169 needs 8193 open files, and this process may "
+    assert parse(["--max-connections", "7936"], {}).max_connections == 7936  # 7936 + 256 files: the hard limit
+    with pytest.raises(ConfigError, match="--max-connections 7937 needs 8193 open files, and this process may "
                                           r"open at most 8192 \(ulimit -Hn\)"):
-        parse(["--max-connections", "7169"], {})
-    with pytest.raises(ConfigError, match="needs 9216 open files"):
+        parse(["--max-connections", "7937"], {})
+    with pytest.raises(ConfigError, match="needs 8448 open files"):
         parse([], {"DIGITSERVE_MAX_CONNECTIONS": "8192"})
+
+
+def test_the_default_connections_fit_a_low_open_file_limit(monkeypatch):
+    """A container with `ulimit -Hn 1024` (buildah's chroot runs): the defaults refused to start."""
+    monkeypatch.setattr(config.resource, "getrlimit", lambda kind: (1024, 1024))
+    assert parse([], {}).max_connections == 768
+    monkeypatch.setattr(config.resource, "getrlimit", lambda kind: (1024, 65536))
+    assert parse([], {}).max_connections == 4096
