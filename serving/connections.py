@@ -22,10 +22,9 @@ stop that leaves no keep-alive client cut off mid-request.
   (RFC 9110): one that resends on the same connection sooner, and is refused again, gets that refusal
   once Retry-After has passed since the last one, its connection unread meanwhile (only where that
   connection's previous request was the refused one: behind a proxy one connection carries many
-  clients). Clients that ignore
-  it (2,048 of them resending at once left 9 % of the unloaded throughput to accepted requests) cost
-  one refusal a second each; those that honour it are not slowed. A pipelined request gets the held
-  refusal first.
+  clients). Clients that ignore it (2,048 of them resending at once left 9 % of the unloaded
+  throughput to accepted requests) cost one refusal a second each; those that honour it are not
+  slowed. A pipelined request gets the held refusal first.
 - On a graceful stop uvicorn closes idle keep-alive connections at once, racing a client that is
   sending its next request on one (it sees a reset). Here an idle connection lingers for
   SHUTDOWN_LINGER seconds: a request that arrives is answered, with `Connection: close`.
