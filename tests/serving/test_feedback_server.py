@@ -1,7 +1,7 @@
 """Feedback on a real server with two HTTP processes (the prediction log's store is shared by them):
 predictions and their true labels posted concurrently, each answer told wherever it was predicted,
-live accuracy in /metrics exactly the share of right answers, whichever process is scraped, and the
-log lines of both processes in the folder, each with its request's ID."""
+live accuracy in /metrics exactly the share of right answers, whichever process is scraped, and every
+prediction's log line in the folder (a file per process that answered), each with its request's ID."""
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -41,7 +41,7 @@ def test_feedback_interleaved_with_predictions_counts_live_accuracy_exactly(expo
             assert figures[("digitserve_feedback_total", "true")] == sum(right)
             assert figures[("digitserve_feedback_total", "false")] == ROUNDS - sum(right)
     files = sorted(log.glob("predictions-*.jsonl"))
-    assert len(files) == 2  # one per HTTP process, both answered
+    assert 1 <= len(files) <= 2  # one per HTTP process that answered (the kernel spreads the connections)
     logged = [json.loads(line) for path in files for line in path.read_text().splitlines()]
     predictions = {line["id"]: line for line in logged if line["type"] == "prediction"}
     assert set(predictions) == {f"load-{i}" for i in range(ROUNDS)}

@@ -277,7 +277,7 @@ def test_reload_asks_are_coalesced_and_a_rejected_version_is_not_checked_again(e
 
     async def slow_look(self, retry):
         looks.append(retry)
-        await asyncio.sleep(0.2)  # long enough for every ask to arrive while one look runs
+        await asyncio.sleep(1.0)  # long enough for every ask to arrive while one look runs (0.2 s was not, under load)
         return await real_look(self, retry)
     monkeypatch.setattr(lifecycle.Lifecycle, "look", slow_look)
     monkeypatch.setattr(lifecycle, "build", lambda folder, *args: builds.append(folder.name) or real_build(folder, *args))

@@ -147,7 +147,7 @@ def test_metrics_sum_every_http_process(server):
     (["--workers", "3"], {"DIGITSERVE_WORKERS": "0"}, 1, "does not exist"),  # the flag wins over the variable
     (["--exports", "missing"], {}, 1, "exports folder missing does not exist"),
     # beyond what the process may ever open, clients were reset rather than answered 503
-    (["--max-connections", "100000000"], {}, 2, "needs 100001024 open files"),
+    (["--max-connections", "100000000"], {}, 2, "needs 100000256 open files"),
     (["--max-header-count", "5"], {}, 2, "argument --max-header-count: must be 8..10000"),
 ])
 def test_bad_settings_are_one_line_before_anything_starts(cli, tmp_path, args, env, status, message):
