@@ -39,7 +39,7 @@ test: $(VENV)/.dev chromium
 	$(PY) -m pytest -q
 
 # What `make test` leaves out for time: the bench scripts' tiny runs, the GPU scripts' dry runs and the
-# end-to-end checks that repeat what faster tests pin (pytest's `long` mark; about 5 minutes).
+# end-to-end checks that repeat what faster tests pin (pytest's `long` mark; about 4 minutes here).
 test-long: $(VENV)/.dev chromium
 	$(PY) -m pytest -q -m long
 
