@@ -20,13 +20,14 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageFilter, ImageFont
 
 from export_contract import calibration
 from serving import images
 from serving.backends import BACKENDS
 from serving.errors import InputError
 from serving.resize import digit_bitmap_counts
+from training.digits_synth import glyph, glyph_size
 from training.synthetic import digit_fonts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,17 +41,8 @@ def render(rng: np.random.Generator, font_path: Path, digit: int) -> tuple[bytes
     ink = int(rng.integers(0, min(90, paper - 60)))  # at least 60 levels of contrast
     if not ink_dark:
         paper, ink = 255 - paper, 255 - ink
-    size = int(min(height * rng.uniform(0.3, 0.9), width * 0.9 / 0.7))
-    font = ImageFont.truetype(str(font_path), size)
-    stroke = int(rng.integers(0, max(1, size // 25) + 1))
-    layer = Image.new("L", (width, height))
-    draw = ImageDraw.Draw(layer)
-    left, top, right, bottom = draw.textbbox((0, 0), str(digit), font=font, stroke_width=stroke)
-    x = rng.integers(-left, max(-left + 1, width - right))
-    y = rng.integers(-top, max(-top + 1, height - bottom))
-    draw.text((int(x), int(y)), str(digit), fill=255, font=font, stroke_width=stroke, stroke_fill=255)
-    layer = layer.rotate(float(rng.uniform(-10, 10)), resample=Image.Resampling.BICUBIC)
-    layer = layer.filter(ImageFilter.GaussianBlur(float(rng.uniform(0, 1.5))))
+    font = ImageFont.truetype(str(font_path), glyph_size(rng, width, height))
+    layer = glyph(rng, digit, font, width, height).filter(ImageFilter.GaussianBlur(float(rng.uniform(0, 1.5))))
     coverage = np.asarray(layer, np.float32) / 255
     pixels = paper + (ink - paper) * coverage + rng.normal(0, rng.uniform(0, 8), coverage.shape)
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L")

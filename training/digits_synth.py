@@ -91,9 +91,18 @@ def drawn(rng: np.random.Generator, digit: int, width: int, height: int, pen: fl
 def printed(rng: np.random.Generator, digit: int, width: int, height: int) -> Image.Image:
     """Ink coverage (L) of `digit` in one of the machine's fonts: any size, weight, slant and place."""
     fonts = synthetic.digit_fonts()
-    size = int(min(height * rng.uniform(0.3, 0.9), width * 0.9 / 0.7))
-    font = ImageFont.truetype(str(fonts[int(rng.integers(len(fonts)))]), size)
-    stroke = int(rng.integers(0, max(1, size // 25) + 1))
+    size = glyph_size(rng, width, height)
+    return glyph(rng, digit, ImageFont.truetype(str(fonts[int(rng.integers(len(fonts)))]), size), width, height)
+
+
+def glyph_size(rng: np.random.Generator, width: int, height: int) -> int:
+    return int(min(height * rng.uniform(0.3, 0.9), width * 0.9 / 0.7))
+
+
+def glyph(rng: np.random.Generator, digit: int, font: ImageFont.FreeTypeFont, width: int, height: int) -> Image.Image:
+    """Ink coverage (L) of `digit` in that font (of glyph_size): random weight, place and slant. Also
+    bench.photo_digits' renders: the order of the random draws is theirs as much as this data's."""
+    stroke = int(rng.integers(0, max(1, font.size // 25) + 1))
     layer = Image.new("L", (width, height))
     draw = ImageDraw.Draw(layer)
     left, top, right, bottom = draw.textbbox((0, 0), str(digit), font=font, stroke_width=stroke)
