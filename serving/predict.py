@@ -34,6 +34,7 @@ from pathlib import Path
 
 from serving import client as api_client
 from serving.client import DigitserveError, Prediction
+from serving.config import integer
 
 PROG = "digitserve-predict"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -340,10 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept other sizes: photos and drawings of one digit")
     p.add_argument("--invert", action=argparse.BooleanOptionalAction, default=None,
                    help="dark ink on a light background (default: as the service: detected with --resize)")
-    p.add_argument("--concurrency", type=positive, default=None,
+    p.add_argument("--concurrency", type=integer(1), default=None,
                    help="requests in flight (--url; default 4), or worker processes (--exports; default: one per "
                         "core)")
-    p.add_argument("--batch-size", type=positive, default=api_client.MAX_IMAGES_PER_REQUEST,
+    p.add_argument("--batch-size", type=integer(1), default=api_client.MAX_IMAGES_PER_REQUEST,
                    help=f"images per request or batch (at most {api_client.MAX_IMAGES_PER_REQUEST})")
     p.add_argument("--backend", choices=["onnx", "torchscript"], default="onnx", help="with --exports")
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
@@ -351,14 +352,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:
