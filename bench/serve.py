@@ -55,16 +55,20 @@ def wait_for(url: str, timeout: float = 60) -> None:
     raise TimeoutError(url)
 
 
+def warmed_load(load, url: str, body: Path, args) -> dict:
+    """`--warmup-seconds` of load, unmeasured, then `--seconds` measured."""
+    if args.warmup_seconds:
+        load(url, body, args.connections, args.warmup_seconds)
+    return load(url, body, args.connections, args.seconds)
+
+
 def measure_baseline(command: list[str], workers: int, load, body: Path, args) -> dict:
     """One comparison server (`command` + PORT --workers N), loaded as digitserve is."""
     port = free_port()
     baseline = subprocess.Popen([sys.executable, "-m", *command, str(port), "--workers", str(workers)], cwd=ROOT)
     try:
         wait_for(f"http://127.0.0.1:{port}/")
-        url = f"http://127.0.0.1:{port}/predict"
-        if args.warmup_seconds:
-            load(url, body, args.connections, args.warmup_seconds)
-        return load(url, body, args.connections, args.seconds)
+        return warmed_load(load, f"http://127.0.0.1:{port}/predict", body, args)
     finally:
         baseline.terminate()
         baseline.wait()
@@ -74,10 +78,7 @@ def measure_digitserve(load, body: Path, args) -> dict:
     server = ServerProcess(args.exports, args=("--backend", args.backend, "--device", args.device, *args.server_flags))
     try:
         server.wait_ready()
-        url = f"{server.url}/predict?model={args.model}"
-        if args.warmup_seconds:
-            load(url, body, args.connections, args.warmup_seconds)
-        return load(url, body, args.connections, args.seconds)
+        return warmed_load(load, f"{server.url}/predict?model={args.model}", body, args)
     finally:
         server.stop()
 
