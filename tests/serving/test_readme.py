@@ -16,7 +16,8 @@ EXAMPLES = [line for line in (ROOT / "README.md").read_text().splitlines() if li
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     exports = tmp_path_factory.mktemp("exports")  # the committed models, whatever else exports/ holds here
-    copy_committed(exports, "digits-cnn", "digits-mlp", "svhn-synthetic-cnn")
+    # all four, as `make serve` serves them: resize=true photos go to digits-photo-cnn
+    copy_committed(exports, "digits-cnn", "digits-mlp", "digits-photo-cnn", "svhn-synthetic-cnn")
     with running_server(exports) as process:
         yield process
 
