@@ -27,9 +27,10 @@ async def lifespan(app: FastAPI):
 def middlewares(service: Service) -> list[tuple[type, dict]]:
     """The app's ASGI middleware, innermost first (as LitServe's `middlewares` and add_middleware take
     them): the request ID outside the metrics, so that every answer carries it; the trace's server
-    span inside the ID (which it records), and only when tracing is asked for."""
+    span inside the ID (which it records), and only when tracing is asked for; POST /predict's short
+    path inside them all."""
     traced = [(TracingMiddleware, {"service": service})] if service.trace_exporters else []
-    return [(RequestMetrics, {"metrics": service.metrics}), *traced, (RequestIds, {})]
+    return [(predict.ShortPath, {}), (RequestMetrics, {"metrics": service.metrics}), *traced, (RequestIds, {})]
 
 
 def install(app: FastAPI, service: Service) -> None:

@@ -46,9 +46,21 @@ async def unexpected_error(request: Request, err: Exception) -> JSONResponse:
                           {"X-Request-ID": request_id} if request_id else None)
 
 
+# Exception alone is answered outside the middleware (Starlette's ServerErrorMiddleware), which then
+# re-raises it for the server to log.
+HANDLERS = {ServiceError: service_error, HTTPException: http_error, RequestValidationError: validation_error,
+            ClientDisconnect: client_gone, Exception: unexpected_error}
+
+
 def install(app: FastAPI) -> None:
-    app.add_exception_handler(ServiceError, service_error)
-    app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(ClientDisconnect, client_gone)
-    app.add_exception_handler(Exception, unexpected_error)
+    for error_type, handler in HANDLERS.items():
+        app.add_exception_handler(error_type, handler)
+
+
+async def answer(request: Request, err: Exception) -> Response:
+    """`err`'s answer, as FastAPI's exception middleware gives it, for a request that does not pass
+    there (serving/api/predict.py's ShortPath); an unexpected error is raised on to the outermost."""
+    for error_type in type(err).__mro__:
+        if error_type in HANDLERS and error_type is not Exception:
+            return await HANDLERS[error_type](request, err)
+    raise err

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+from fastapi.routing import APIRoute
 from PIL import Image
 
 from bench.harness import png, png_chunk
@@ -208,3 +209,42 @@ def test_a_full_queue_sheds_requests_at_once_with_retry_after(exports, monkeypat
 def test_a_file_where_an_option_belongs_is_a_client_error(client):
     response = client.post("/predict", files=[("file", ("d.png", VALID_DIGIT)), ("invert", ("x.txt", b"true"))])
     assert response.status_code == 422 and "'invert' must be a value, not a file" in response.json()["error"]
+
+
+def test_post_predict_takes_the_short_path_and_the_route_keeps_the_rest(client, test_digits, monkeypatch):
+    """POST /predict is answered by api.predict.ShortPath, past FastAPI's router and request handler
+    (a cost cut, issue 28); the declared route still answers other methods and documents the body."""
+    before = metric(client, "digitserve_http_requests_total", route="/predict", method="POST", status="200")
+
+    async def not_here(self, scope, receive, send):
+        raise AssertionError(f"{scope['method']} {scope['path']} went through FastAPI's router")
+    monkeypatch.setattr(APIRoute, "handle", not_here)
+    response = client.post("/predict", files={"file": ("d.png", digit_png(test_digits[0][0]), "image/png")})
+    assert response.status_code == 200, response.text
+    bad = client.post("/predict", files={"file": ("d.png", b"not an image", "image/png")})
+    assert bad.status_code == 400 and "error" in bad.json()  # the one error mapping's answer
+    monkeypatch.undo()
+    assert metric(client, "digitserve_http_requests_total", route="/predict", method="POST",
+                  status="200") == before + 1  # labelled by its route, as the router would
+    wrong = client.get("/predict")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert "requestBody" in client.get("/openapi.json").json()["paths"]["/predict"]["post"]
+
+
+def test_the_short_path_maps_errors_as_the_exception_middleware_does():
+    import asyncio
+
+    from starlette.requests import ClientDisconnect, Request
+
+    from serving.api import errors
+    from serving.errors import InputError, Overloaded
+    request = Request({"type": "http", "method": "POST", "path": "/predict", "headers": [], "state": {}})
+
+    def answer(err):
+        return asyncio.run(errors.answer(request, err))
+    assert answer(InputError("bad", 415)).status_code == 415
+    overloaded = answer(Overloaded("full"))
+    assert overloaded.status_code == 503 and overloaded.headers["retry-after"] == str(Overloaded.retry_after)
+    assert answer(ClientDisconnect()).status_code == 499
+    with pytest.raises(RuntimeError):  # a bug goes on to the outermost middleware, which logs it
+        answer(RuntimeError("a bug"))
