@@ -8,6 +8,7 @@ large requests): an input is (label, "bytes" | "pixels", value).
 """
 import base64
 import binascii
+import re
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -113,12 +114,67 @@ MAX_FIELDS = 16  # form fields (options) in one multipart body; files: MAX_IMAGE
 
 
 def parse_multipart(content_type: str, body: bytes) -> tuple[list, dict]:
-    """A multipart body already read, parsed in one pass by python-multipart's parser (Starlette's
-    form() spools each file through a temporary-file object: 4 times the cost of a small upload)."""
+    """A multipart body already read: plainly framed ones (what browsers, curl and HTTP libraries send)
+    split at their delimiters, any other by python-multipart's parser, which also says what is wrong."""
     boundary = parse_options_header(content_type)[1].get(b"boundary")
     if not boundary:
         raise InputError("malformed multipart body: its Content-Type names no boundary", 400)
-    parts: list[tuple[dict, list]] = []  # (headers, chunks of the content)
+    parts = framed_parts(boundary, body)
+    if parts is None:
+        parts = streamed_parts(boundary, body)
+    fields, inputs = {}, []
+    for headers, chunks in parts:
+        disposition, params = parse_options_header(headers.get(b"content-disposition", b""))
+        if disposition != b"form-data" or b"name" not in params:
+            raise InputError("malformed multipart body: a part without 'Content-Disposition: form-data; name=...'",
+                             400)
+        name = params[b"name"].decode("utf-8", "replace")
+        if b"filename" not in params:
+            fields[name] = b"".join(chunks).decode("utf-8", "replace")
+        elif name in Options.NAMES:
+            raise InputError(f"form field {name!r} must be a value, not a file", 422)
+        else:
+            inputs.append((params[b"filename"].decode("utf-8", "replace") or name, "bytes", b"".join(chunks)))
+    if len(inputs) > MAX_IMAGES_PER_REQUEST or len(fields) > MAX_FIELDS:
+        raise InputError(f"malformed multipart body: more than {MAX_IMAGES_PER_REQUEST} files or {MAX_FIELDS} "
+                         "fields", 400)
+    return inputs, options(fields, "form field")
+
+
+HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token
+
+
+def framed_parts(boundary: bytes, body: bytes) -> list[tuple[dict, list]] | None:
+    """The parts (headers, [content]) of a body framed plainly: it opens with the first delimiter and
+    ends with the closing one (and a CRLF), the delimiter appears nowhere else, every part has header
+    lines `Name: value`. None for anything else: the streaming parser takes it. A single 8x8 upload
+    is parsed in 7.8 us this way, 17.5 us through the parser's callbacks (issue 28).
+    tests/serving/test_bodies.py checks both give the same parts."""
+    delimiter = b"\r\n--" + boundary
+    if not body.startswith(delimiter[2:] + b"\r\n") or body.count(delimiter) > MAX_IMAGES_PER_REQUEST + MAX_FIELDS:
+        return None
+    pieces = (b"\r\n" + body).split(delimiter)
+    if pieces[-1] not in (b"--", b"--\r\n"):
+        return None
+    parts = []
+    for piece in pieces[1:-1]:
+        head, separator, content = piece.partition(b"\r\n\r\n")
+        if not separator or not head.startswith(b"\r\n") or len(head) < 3:
+            return None
+        headers = {}
+        for line in head[2:].split(b"\r\n"):
+            name, colon, value = line.partition(b":")
+            if not colon or not HEADER_NAME.fullmatch(name) or b"\r" in value or b"\n" in value:
+                return None
+            headers[name.lower()] = value.lstrip(b" ")
+        parts.append((headers, [content]))
+    return parts
+
+
+def streamed_parts(boundary: bytes, body: bytes) -> list[tuple[dict, list]]:
+    """The parts (headers, chunks of the content) by python-multipart's parser, in one pass (Starlette's
+    form() spools each file through a temporary-file object: 4 times the cost of a small upload)."""
+    parts: list[tuple[dict, list]] = []
     header, ended = [b"", b""], [0]
 
     def begin():
@@ -145,23 +201,7 @@ def parse_multipart(content_type: str, body: bytes) -> tuple[list, dict]:
         raise InputError(f"malformed multipart body: {images.one_line(err)}", 400) from None
     if ended[0] < len(parts):  # the parser keeps a part cut off by the body's end
         raise InputError("malformed multipart body: it ends before its closing boundary", 400)
-    fields, inputs = {}, []
-    for headers, chunks in parts:
-        disposition, params = parse_options_header(headers.get(b"content-disposition", b""))
-        if disposition != b"form-data" or b"name" not in params:
-            raise InputError("malformed multipart body: a part without 'Content-Disposition: form-data; name=...'",
-                             400)
-        name = params[b"name"].decode("utf-8", "replace")
-        if b"filename" not in params:
-            fields[name] = b"".join(chunks).decode("utf-8", "replace")
-        elif name in Options.NAMES:
-            raise InputError(f"form field {name!r} must be a value, not a file", 422)
-        else:
-            inputs.append((params[b"filename"].decode("utf-8", "replace") or name, "bytes", b"".join(chunks)))
-    if len(inputs) > MAX_IMAGES_PER_REQUEST or len(fields) > MAX_FIELDS:
-        raise InputError(f"malformed multipart body: more than {MAX_IMAGES_PER_REQUEST} files or {MAX_FIELDS} "
-                         "fields", 400)
-    return inputs, options(fields, "form field")
+    return parts
 
 
 def parse_json(body: bytes) -> tuple[list, dict]:

@@ -1,7 +1,9 @@
 """Request bodies parsed alone (serving/api/bodies.py): multipart's limits and malformed bodies."""
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from serving.api.bodies import MAX_FIELDS, parse_multipart
+from serving.api.bodies import MAX_FIELDS, framed_parts, parse_multipart, streamed_parts
 from serving.errors import InputError
 from serving.service import MAX_IMAGES_PER_REQUEST
 
@@ -43,3 +45,38 @@ def test_no_boundary_and_an_option_sent_as_a_file():
     with pytest.raises(InputError, match="must be a value, not a file") as refused:
         parse_multipart(TYPE, body(part("model", b"x", "model.txt")))
     assert refused.value.status == 422
+
+
+# Mostly well-formed header lines (the fast split's case), sometimes not (the parser's).
+HEADER_VALUES = (st.sampled_from([b' form-data; name="file"; filename="a.png"', b'form-data; name="model"',
+                                  b"  \t v ", b" image/png", b""])
+                 | st.binary(max_size=12).filter(lambda v: b"\r" not in v and b"\n" not in v))
+HEADER_LINES = st.lists(st.tuples(st.sampled_from([b"Content-Disposition", b"content-type", b"X-Y"] * 6
+                                                  + [b"Bad Name", b"", b"A:B", b"\xff"]), HEADER_VALUES),
+                        min_size=1, max_size=3)
+CONTENT = st.binary(max_size=24) | st.sampled_from([b"\r\n--XB", b"x\r\n--XB\r\ny", b"\r\n--XB--", b"--XB", b"\r\n"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(parts=st.lists(st.tuples(HEADER_LINES, CONTENT), max_size=4),
+       before=st.sampled_from([b""] * 8 + [b"pre\r\n", b"\r\n"]), padding=st.sampled_from([b""] * 8 + [b" "]),
+       after=st.sampled_from([b"\r\n"] * 4 + [b""] * 4 + [b"\r\nepilogue", b"\r\n\r\n"]))
+def test_framed_bodies_split_as_the_streaming_parser_parses_them(parts, before, padding, after):
+    """The fast split (framed_parts) takes a body only where python-multipart's parser gives the same
+    parts; anything else (preamble, padding, odd header lines, the delimiter inside content) it leaves to
+    the parser, which stays the judge of malformed bodies."""
+    raw = before + b"".join(b"--XB" + padding + b"\r\n" + b"".join(name + b":" + value + b"\r\n"
+                                                                   for name, value in headers)
+                            + b"\r\n" + content + b"\r\n" for headers, content in parts) + b"--XB--" + after
+    framed = framed_parts(b"XB", raw)
+    if framed is None:
+        return
+    streamed = streamed_parts(b"XB", raw)  # raises if the parser thinks the body malformed
+    assert [(headers, b"".join(chunks)) for headers, chunks in framed] == \
+           [(headers, b"".join(chunks)) for headers, chunks in streamed]
+
+
+def test_a_plain_upload_takes_the_fast_split():
+    assert framed_parts(b"XB", body(part("file", b"\x89PNG\r\n", "a.png"), part("model", b"digits-cnn"))) == [
+        ({b"content-disposition": b'form-data; name="file"; filename="a.png"'}, [b"\x89PNG\r\n"]),
+        ({b"content-disposition": b'form-data; name="model"'}, [b"digits-cnn"])]
