@@ -59,10 +59,10 @@ def answer(model: ServedModel, item: Scored, metrics: Metrics, raw: bool = False
     if unsure_below is not None:
         scores = None if item.score is None else np.array([item.score])
         decision = int(calibration.decisions(item.probs[None], scores, model.calibration, unsure_below)[0])
-    metrics.answers.labels(model.name, model.version, calibration.DECISIONS[decision]).inc()
-    metrics.confidence.labels(model.name, model.version).observe(item.confidence)
-    metrics.brightness.labels(model.name).observe(item.brightness)
-    metrics.ink.labels(model.name).observe(item.ink)
+    metrics.child(metrics.answers, model.name, model.version, calibration.DECISIONS[decision]).inc()
+    metrics.child(metrics.confidence, model.name, model.version).observe(item.confidence)
+    metrics.child(metrics.brightness, model.name).observe(item.brightness)
+    metrics.child(metrics.ink, model.name).observe(item.ink)
     probabilities = (np.round(calibration.probabilities(item.log_probs[None], 1.0)[0], 6).tolist() if raw
                      else item.probabilities)
     return {"label": item.label, "confidence": item.confidence, "decision": calibration.DECISIONS[decision],

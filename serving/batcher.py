@@ -144,7 +144,7 @@ class DynamicBatcher:
         started = time.perf_counter()
         for part in batch:
             for name in {model.name for model, _ in part.items}:
-                self.metrics.queue_seconds.labels(name).observe(started - part.queued_at)
+                self.metrics.child(self.metrics.queue_seconds, name).observe(started - part.queued_at)
         started_ns = time.time_ns()
         try:
             requests = [part.items for part in batch]
@@ -165,7 +165,7 @@ class DynamicBatcher:
             self.background_ended = time.perf_counter()
             self.background_spent = (self.background_ended - started) * background / images
         for name, seconds in result.seconds.items():
-            self.metrics.inference_seconds.labels(name).observe(seconds)
+            self.metrics.child(self.metrics.inference_seconds, name).observe(seconds)
         self.learn(batch, result)
         for part, outputs in zip(batch, result.outputs):
             request = part.request

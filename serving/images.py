@@ -109,7 +109,8 @@ def convert(image: Image.Image, color: str) -> np.ndarray:
         background = Image.new("RGBA", image.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
     target = "L" if color == "grayscale" else "RGB"
-    return np.asarray(image.convert(target))  # CMYK, YCbCr, 1, ... all convert
+    # CMYK, YCbCr, 1, ... all convert; one already in the target mode is read as it is (convert copies it)
+    return np.asarray(image if image.mode == target else image.convert(target))
 
 
 def model_input(pixels8: np.ndarray, spec: dict, invert: bool) -> np.ndarray:

@@ -188,7 +188,7 @@ async def through_server(url: str, paths: list[str], options: dict, args, progre
 
 class Uncounted:
     """What serving/answers.py counts each answer into for /metrics: with no server, nobody scrapes
-    them. Any metric, labelled any way, counts nothing (`metrics.answers.labels(...).inc()`)."""
+    them. Any metric, labelled any way, counts nothing (`metrics.child(metrics.answers, ...).inc()`)."""
 
     def __getattr__(self, name: str) -> "Uncounted":
         return self
