@@ -212,6 +212,34 @@ def process_tree(root: int) -> list[int]:
     return found
 
 
+def connections_by_process(port: int) -> list[int]:
+    """How many established TCP connections each process holding one has accepted on local `port`
+    (largest first), from /proc: several server processes sharing one listening socket each take
+    what they accept, and one may take them all."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # 01: ESTABLISHED
+                inodes.add(fields[9])
+    counts = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            held = sum(1 for fd in (entry / "fd").iterdir() if os.readlink(fd)[8:-1] in inodes
+                       and os.readlink(fd).startswith("socket:"))
+        except OSError:
+            continue
+        if held:
+            counts.append(held)
+    return sorted(counts, reverse=True)
+
+
 class PeakRss:
     """Samples the resident memory of the server's processes every 5 ms: the largest growth of any one."""
 

@@ -4,7 +4,8 @@ endpoint with one process and with one per core, same artifact, same machine, sa
     .venv/bin/python -m bench.serve [--model digits-cnn] [--connections 32] [--seconds 20]
                                     [--backend onnx|torchscript] [--device auto|cpu|cuda]
                                     [--exports DIR] [--load auto|wrk|python] [--baseline-workers 1 N]
-                                    [--warmup-seconds 3] [--ceiling-seconds 5] [-- MORE SERVER FLAGS]
+                                    [--warmup-seconds 3] [--ceiling-seconds 5] [--rounds 1]
+                                    [-- MORE SERVER FLAGS]
 
 Single-image PNG multipart uploads, one per request: an 8x8 digit for grayscale models, a 32x32
 RGB crop for RGB (SVHN-shaped) models. Load comes from `wrk` (Debian package) in its own process,
@@ -19,13 +20,17 @@ import platform
 import shutil
 import subprocess
 import sys
+import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
-from bench.harness import ROOT, ServerProcess, free_port, multipart, run_python_load, run_wrk, upload_image
+from bench.harness import (ROOT, ServerProcess, connections_by_process, free_port, multipart, run_python_load,
+                           run_wrk, upload_image)
 from serving import images
 from serving.backends import BACKENDS, BackendError
 
@@ -56,10 +61,18 @@ def wait_for(url: str, timeout: float = 60) -> None:
 
 
 def warmed_load(load, url: str, body: Path, args) -> dict:
-    """`--warmup-seconds` of load, unmeasured, then `--seconds` measured."""
+    """`--warmup-seconds` of load, unmeasured, then `--seconds` measured; `split`: the connections each
+    server process held halfway through (the kernel gives each new connection to whichever process
+    accepts first, so one may get them all, and its cores' share of the work with them)."""
     if args.warmup_seconds:
         load(url, body, args.connections, args.warmup_seconds)
-    return load(url, body, args.connections, args.seconds)
+    split = []
+    sampler = threading.Timer(args.seconds / 2, lambda: split.extend(connections_by_process(urlsplit(url).port)))
+    sampler.start()
+    try:
+        return {**load(url, body, args.connections, args.seconds), "split": split}
+    finally:
+        sampler.cancel()
 
 
 def measure_baseline(command: list[str], workers: int, load, body: Path, args) -> dict:
@@ -97,6 +110,7 @@ def main() -> None:
                         help="uvicorn processes of the FastAPI baseline, one run each (default: 1 and one per core)")
     parser.add_argument("--warmup-seconds", type=int, default=3, help="load before each measured run (0: none)")
     parser.add_argument("--ceiling-seconds", type=float, default=5.0, help="length of the in-process measurement")
+    parser.add_argument("--rounds", type=int, default=1, help="every server measured this many times, alternating")
     parser.add_argument("server_flags", nargs="*", help="extra flags for python -m serving (after --)")
     args = parser.parse_args()
     folder = args.exports / args.model
@@ -109,29 +123,44 @@ def main() -> None:
         baseline_device = BACKENDS["onnx"].resolve(args.device)
     except BackendError:
         baseline_device = "cpu"
-    # One server at a time: each has the machine's cores to itself (and the load generator's share).
+    # One server at a time: each has the machine's cores to itself (and the load generator's share);
+    # rounds alternate them, so that a slow spell of the machine falls on all of them.
     fastapi = ["bench.fastapi_baseline", "--device", baseline_device, str(folder)]
-    baselines = {workers: measure_baseline(fastapi, workers, load, body, args) for workers in args.baseline_workers}
-    floor = measure_baseline(["bench.asgi_floor"], cores, load, body, args)
-    ours = measure_digitserve(load, body, args)
+    baseline_names = {workers: f"FastAPI + ORT, {workers} process{'es' if workers > 1 else ''}"
+                      for workers in args.baseline_workers}
+    floor_name = f"bare ASGI app, constant answer, {cores} processes (the floor)"
+    runs = {name: [] for name in [*baseline_names.values(), "digitserve", floor_name]}
+    for _ in range(args.rounds):
+        for workers, name in baseline_names.items():
+            runs[name].append(measure_baseline(fastapi, workers, load, body, args))
+        runs["digitserve"].append(measure_digitserve(load, body, args))
+        runs[floor_name].append(measure_baseline(["bench.asgi_floor"], cores, load, body, args))
     ceiling = in_process_ceiling(folder, data, args.backend, args.device, args.ceiling_seconds)
     print(f"## Serving (`python -m bench.serve {' '.join(sys.argv[1:])}`), {platform.machine()}, {cores} cores\n")
     print(f"Single-image PNG uploads to `{args.model}` ({args.backend}, device {args.device}; baseline "
-          f"{baseline_device}), {args.connections} connections, {args.seconds} s each, one server at a time, load "
-          f"from {load.__name__} in its own process(es).\n")
-    print("| server | req/s | p50 ms | p99 ms | non-2xx | socket errors |\n|---|---|---|---|---|---|")
-    rows = {f"FastAPI + ORT, {workers} process{'es' if workers > 1 else ''}": r for workers, r in baselines.items()}
-    floor_name = f"bare ASGI app, constant answer, {cores} processes (the floor)"
-    for name, r in {**rows, "digitserve": ours, floor_name: floor}.items():
-        print(f"| {name} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['non2xx']} | {r['socket_errors']} |")
-    ratios = ", ".join(f"**{ours['rps'] / r['rps']:.2f}×** {name}" for name, r in rows.items())
-    spread = baselines[min(baselines)]["p99"] - baselines[min(baselines)]["p50"]
-    print(f"\nRatio digitserve / {ratios}. digitserve's p99 {ours['p99']:.1f} ms against twice the single-process "
+          f"{baseline_device}), {args.connections} connections, {args.seconds} s each, one server at a time, "
+          f"{args.rounds} round(s), load from {load.__name__} in its own process(es). Connections: how many "
+          "each server process held.\n")
+    print("| server | round | req/s | p50 ms | p99 ms | non-2xx | socket errors | connections |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for name, results in runs.items():
+        for i, r in enumerate(results, 1):
+            print(f"| {name} | {i} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['non2xx']} | "
+                  f"{r['socket_errors']} | {'/'.join(map(str, r['split'])) or '?'} |")
+    median = {name: statistics.median(r["rps"] for r in results) for name, results in runs.items()}
+    ours = median["digitserve"]
+    per_round = {name: [d["rps"] / b["rps"] for d, b in zip(runs["digitserve"], runs[name])]
+                 for name in baseline_names.values()}
+    ratios = ", ".join(f"**{ours / median[name]:.2f}×** {name} (rounds: "
+                       f"{', '.join(f'{x:.2f}' for x in per_round[name])})" for name in baseline_names.values())
+    first = runs[baseline_names[min(baseline_names)]]
+    spread = statistics.median(r["p99"] - r["p50"] for r in first)
+    p99 = statistics.median(r["p99"] for r in runs["digitserve"])
+    print(f"\nMedians: digitserve / {ratios}. digitserve's p99 {p99:.1f} ms against twice the single-process "
           f"baseline's p50-to-p99 spread, {2 * spread:.1f} ms. In-process ceiling (decode + one-image inference, one "
           f"thread, no HTTP): {ceiling:.0f} images/s; × {cores} cores = {ceiling * cores:.0f}; digitserve reaches "
-          f"**{ours['rps'] / (ceiling * cores):.0%}** of it; the bare ASGI app, which neither decodes nor infers, "
-          f"{floor['rps'] / (ceiling * cores):.0%}.")
-
+          f"**{ours / (ceiling * cores):.0%}** of it; the bare ASGI app, which neither decodes nor infers, "
+          f"{median[floor_name] / (ceiling * cores):.0%}.")
 
 if __name__ == "__main__":
     main()
