@@ -33,6 +33,7 @@ from bench.harness import (ROOT, ServerProcess, connections_by_process, free_por
                            run_wrk, upload_image)
 from serving import images
 from serving.backends import BACKENDS, BackendError
+from serving.config import Config
 
 
 def in_process_ceiling(folder: Path, data: bytes, backend: str, device: str, seconds: float = 5.0) -> float:
@@ -153,14 +154,27 @@ def main() -> None:
                  for name in baseline_names.values()}
     ratios = ", ".join(f"**{ours / median[name]:.2f}×** {name} (rounds: "
                        f"{', '.join(f'{x:.2f}' for x in per_round[name])})" for name in baseline_names.values())
+    # A run in which some process held no connection measures fewer cores: compare the rounds in which
+    # every process of both servers held some.
+    ours_processes = int(args.server_flags[args.server_flags.index("--workers") + 1]) \
+        if "--workers" in args.server_flags else Config.workers
+    served_by_all = {name: [d["rps"] / b["rps"] for d, b in zip(runs["digitserve"], runs[name])
+                            if len(d["split"]) == ours_processes and len(b["split"]) == workers]
+                     for workers, name in baseline_names.items()}
     first = runs[baseline_names[min(baseline_names)]]
     spread = statistics.median(r["p99"] - r["p50"] for r in first)
     p99 = statistics.median(r["p99"] for r in runs["digitserve"])
-    print(f"\nMedians: digitserve / {ratios}. digitserve's p99 {p99:.1f} ms against twice the single-process "
-          f"baseline's p50-to-p99 spread, {2 * spread:.1f} ms. In-process ceiling (decode + one-image inference, one "
+    ours_spread = statistics.median(r["p99"] - r["p50"] for r in runs["digitserve"])
+    print(f"\nMedians: digitserve / {ratios}. digitserve's p99 {p99:.1f} ms (its p50-to-p99 spread "
+          f"{ours_spread:.1f} ms) against twice the single-process baseline's p50-to-p99 spread, {2 * spread:.1f} ms. "
+          f"In-process ceiling (decode + one-image inference, one "
           f"thread, no HTTP): {ceiling:.0f} images/s; × {cores} cores = {ceiling * cores:.0f}; digitserve reaches "
           f"**{ours / (ceiling * cores):.0%}** of it; the bare ASGI app, which neither decodes nor infers, "
           f"{median[floor_name] / (ceiling * cores):.0%}.")
+    print("\nRounds in which every process of both servers held connections: " + "; ".join(
+        f"{name}: {', '.join(f'{x:.2f}×' for x in ratios)} (median **{statistics.median(ratios):.2f}×**)"
+        if ratios else f"{name}: none" for name, ratios in served_by_all.items()) + ".")
+
 
 if __name__ == "__main__":
     main()
