@@ -228,16 +228,27 @@ def connections_by_process(port: int) -> list[int]:
                 inodes.add(fields[9])
     counts = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            held = sum(1 for fd in (entry / "fd").iterdir() if os.readlink(fd)[8:-1] in inodes
-                       and os.readlink(fd).startswith("socket:"))
-        except OSError:
-            continue
-        if held:
-            counts.append(held)
+        if entry.name.isdigit():
+            held = sum(1 for target in fd_targets(entry) if target.startswith("socket:[") and target[8:-1] in inodes)
+            if held:
+                counts.append(held)
     return sorted(counts, reverse=True)
+
+
+def fd_targets(process: Path) -> list[str]:
+    """What a /proc process's file descriptors point at ("socket:[INODE]", paths); those that close
+    meanwhile (the listing's own, in the calling process) are left out."""
+    targets = []
+    try:
+        fds = list((process / "fd").iterdir())
+    except OSError:  # gone, or not ours to read
+        return targets
+    for fd in fds:
+        try:
+            targets.append(os.readlink(fd))
+        except OSError:
+            pass
+    return targets
 
 
 class PeakRss:

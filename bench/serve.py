@@ -33,7 +33,8 @@ from bench.harness import (ROOT, ServerProcess, connections_by_process, free_por
                            run_wrk, upload_image)
 from serving import images
 from serving.backends import BACKENDS, BackendError
-from serving.config import Config
+from serving import config
+from serving.config import integer
 
 
 def in_process_ceiling(folder: Path, data: bytes, backend: str, device: str, seconds: float = 5.0) -> float:
@@ -61,14 +62,19 @@ def wait_for(url: str, timeout: float = 60) -> None:
     raise TimeoutError(url)
 
 
-def warmed_load(load, url: str, body: Path, args) -> dict:
+def warmed_load(load, url: str, body: Path, args, processes: int) -> dict:
     """`--warmup-seconds` of load, unmeasured, then `--seconds` measured; `split`: the connections each
-    server process held halfway through (the kernel gives each new connection to whichever process
-    accepts first, so one may get them all, and its cores' share of the work with them)."""
+    of the server's `processes` held halfway through, 0 for one that held none (the kernel gives each new
+    connection to whichever process accepts first, so one may get them all, and its cores' share of the
+    work with them)."""
     if args.warmup_seconds:
         load(url, body, args.connections, args.warmup_seconds)
     split = []
-    sampler = threading.Timer(args.seconds / 2, lambda: split.extend(connections_by_process(urlsplit(url).port)))
+
+    def sample():
+        held = connections_by_process(urlsplit(url).port)
+        split.extend(held + [0] * (processes - len(held)))
+    sampler = threading.Timer(args.seconds / 2, sample)
     sampler.start()
     try:
         return {**load(url, body, args.connections, args.seconds), "split": split}
@@ -82,17 +88,17 @@ def measure_baseline(command: list[str], workers: int, load, body: Path, args) -
     baseline = subprocess.Popen([sys.executable, "-m", *command, str(port), "--workers", str(workers)], cwd=ROOT)
     try:
         wait_for(f"http://127.0.0.1:{port}/")
-        return warmed_load(load, f"http://127.0.0.1:{port}/predict", body, args)
+        return warmed_load(load, f"http://127.0.0.1:{port}/predict", body, args, workers)
     finally:
         baseline.terminate()
         baseline.wait()
 
 
-def measure_digitserve(load, body: Path, args) -> dict:
+def measure_digitserve(load, body: Path, args, processes: int) -> dict:
     server = ServerProcess(args.exports, args=("--backend", args.backend, "--device", args.device, *args.server_flags))
     try:
         server.wait_ready()
-        return warmed_load(load, f"{server.url}/predict?model={args.model}", body, args)
+        return warmed_load(load, f"{server.url}/predict?model={args.model}", body, args, processes)
     finally:
         server.stop()
 
@@ -111,7 +117,7 @@ def main() -> None:
                         help="uvicorn processes of the FastAPI baseline, one run each (default: 1 and one per core)")
     parser.add_argument("--warmup-seconds", type=int, default=3, help="load before each measured run (0: none)")
     parser.add_argument("--ceiling-seconds", type=float, default=5.0, help="length of the in-process measurement")
-    parser.add_argument("--rounds", type=int, default=1, help="every server measured this many times, alternating")
+    parser.add_argument("--rounds", type=integer(1), default=1, help="every server measured this many times, alternating")
     parser.add_argument("server_flags", nargs="*", help="extra flags for python -m serving (after --)")
     args = parser.parse_args()
     folder = args.exports / args.model
@@ -131,10 +137,11 @@ def main() -> None:
                       for workers in args.baseline_workers}
     floor_name = f"bare ASGI app, constant answer, {cores} processes (the floor)"
     runs = {name: [] for name in [*baseline_names.values(), "digitserve", floor_name]}
+    ours_processes = config.parse(["--exports", str(args.exports), *args.server_flags]).workers  # flags, then env
     for _ in range(args.rounds):
         for workers, name in baseline_names.items():
             runs[name].append(measure_baseline(fastapi, workers, load, body, args))
-        runs["digitserve"].append(measure_digitserve(load, body, args))
+        runs["digitserve"].append(measure_digitserve(load, body, args, ours_processes))
         runs[floor_name].append(measure_baseline(["bench.asgi_floor"], cores, load, body, args))
     ceiling = in_process_ceiling(folder, data, args.backend, args.device, args.ceiling_seconds)
     print(f"## Serving (`python -m bench.serve {' '.join(sys.argv[1:])}`), {platform.machine()}, {cores} cores\n")
@@ -156,17 +163,16 @@ def main() -> None:
                        f"{', '.join(f'{x:.2f}' for x in per_round[name])})" for name in baseline_names.values())
     # A run in which some process held no connection measures fewer cores: compare the rounds in which
     # every process of both servers held some.
-    ours_processes = int(args.server_flags[args.server_flags.index("--workers") + 1]) \
-        if "--workers" in args.server_flags else Config.workers
     served_by_all = {name: [d["rps"] / b["rps"] for d, b in zip(runs["digitserve"], runs[name])
-                            if len(d["split"]) == ours_processes and len(b["split"]) == workers]
-                     for workers, name in baseline_names.items()}
-    first = runs[baseline_names[min(baseline_names)]]
+                            if d["split"] and b["split"] and 0 not in d["split"] + b["split"]]
+                     for name in baseline_names.values()}
+    fewest = baseline_names[min(baseline_names)]
+    first = runs[fewest]
     spread = statistics.median(r["p99"] - r["p50"] for r in first)
     p99 = statistics.median(r["p99"] for r in runs["digitserve"])
     ours_spread = statistics.median(r["p99"] - r["p50"] for r in runs["digitserve"])
-    print(f"\nMedians: digitserve / {ratios}. digitserve's p99 {p99:.1f} ms (its p50-to-p99 spread "
-          f"{ours_spread:.1f} ms) against twice the single-process baseline's p50-to-p99 spread, {2 * spread:.1f} ms. "
+    print(f"\nRatio of the medians: digitserve / {ratios}. digitserve's p99 {p99:.1f} ms (its p50-to-p99 spread "
+          f"{ours_spread:.1f} ms) against twice the p50-to-p99 spread of {fewest}, {2 * spread:.1f} ms. "
           f"In-process ceiling (decode + one-image inference, one "
           f"thread, no HTTP): {ceiling:.0f} images/s; × {cores} cores = {ceiling * cores:.0f}; digitserve reaches "
           f"**{ours / (ceiling * cores):.0%}** of it; the bare ASGI app, which neither decodes nor infers, "

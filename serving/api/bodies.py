@@ -142,33 +142,46 @@ def parse_multipart(content_type: str, body: bytes) -> tuple[list, dict]:
 
 
 HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token
+# What the fast split takes; anything larger goes to the parser, whose own limits (8 header lines of 4,224
+# bytes a part, a 256-byte boundary) then refuse it. Clients send one or two short header lines a part.
+PLAIN_BOUNDARY = 70        # bytes: RFC 2046's longest boundary
+PLAIN_HEADER_LINES = 4     # a part's
+PLAIN_HEADER_LINE = 1024   # bytes
 
 
 def framed_parts(boundary: bytes, body: bytes) -> list[tuple[dict, list]] | None:
     """The parts (headers, [content]) of a body framed plainly: it opens with the first delimiter and
-    ends with the closing one (and a CRLF), the delimiter appears nowhere else, every part has header
-    lines `Name: value`. None for anything else: the streaming parser takes it. A single 8x8 upload
-    is parsed in 7.8 us this way, 17.5 us through the parser's callbacks (issue 28).
-    tests/serving/test_bodies.py checks both give the same parts."""
+    ends with the closing one (a CRLF after it or not), the delimiter appears nowhere else, every part
+    has 1 to PLAIN_HEADER_LINES header lines `Name: value`. None for anything else: the streaming parser
+    takes it. A single 8x8 upload is parsed in 7.8 us this way, 17.5 us through the parser's callbacks
+    (bench/RESULTS.md, issue 28). tests/serving/test_bodies.py checks that both give the same parts."""
     delimiter = b"\r\n--" + boundary
-    if not body.startswith(delimiter[2:] + b"\r\n") or body.count(delimiter) > MAX_IMAGES_PER_REQUEST + MAX_FIELDS:
+    if len(boundary) > PLAIN_BOUNDARY or not body.startswith(delimiter[2:] + b"\r\n"):
         return None
-    pieces = (b"\r\n" + body).split(delimiter)
-    if pieces[-1] not in (b"--", b"--\r\n"):
-        return None
-    parts = []
-    for piece in pieces[1:-1]:
-        head, separator, content = piece.partition(b"\r\n\r\n")
-        if not separator or not head.startswith(b"\r\n") or len(head) < 3:
+    parts, start = [], len(delimiter) - 2  # each part starts at the CRLF ending its delimiter line
+    while True:
+        end = body.find(delimiter, start)
+        if end < 0 or len(parts) == MAX_IMAGES_PER_REQUEST + MAX_FIELDS:
+            return None
+        head_end = body.find(b"\r\n\r\n", start, end)
+        if head_end <= start or head_end - start > PLAIN_HEADER_LINES * (PLAIN_HEADER_LINE + 2):
+            return None
+        lines = body[start + 2:head_end].split(b"\r\n")
+        if len(lines) > PLAIN_HEADER_LINES:
             return None
         headers = {}
-        for line in head[2:].split(b"\r\n"):
+        for line in lines:
             name, colon, value = line.partition(b":")
-            if not colon or not HEADER_NAME.fullmatch(name) or b"\r" in value or b"\n" in value:
+            if (not colon or len(line) > PLAIN_HEADER_LINE or not HEADER_NAME.fullmatch(name)
+                    or b"\r" in value or b"\n" in value):
                 return None
             headers[name.lower()] = value.lstrip(b" ")
-        parts.append((headers, [content]))
-    return parts
+        parts.append((headers, [body[head_end + 4:end]]))
+        start = end + len(delimiter)
+        if body[start:] in (b"--", b"--\r\n"):
+            return parts
+        if not body.startswith(b"\r\n", start):
+            return None
 
 
 def streamed_parts(boundary: bytes, body: bytes) -> list[tuple[dict, list]]:

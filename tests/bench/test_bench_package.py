@@ -32,3 +32,20 @@ def test_the_load_tools_and_the_harness_import_no_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_connections_by_process_counts_what_each_process_accepted_on_the_port():
+    """bench.serve's connections column: the accepting side's sockets on the port, per process holding
+    them (here this one: 3 accepted; the clients' own sockets are on other local ports)."""
+    import socket
+
+    from bench.harness import connections_by_process
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        accepted = [listener.accept()[0] for _ in clients]
+        try:
+            assert connections_by_process(port) == [3]
+        finally:
+            for sock in clients + accepted:
+                sock.close()

@@ -15,7 +15,7 @@ TINY_RUNS = [
     tiny("serve", ["--seconds", "1", "--warmup-seconds", "0", "--ceiling-seconds", "0.5", "--connections", "2",
                    "--load", "python", "--baseline-workers", "1", "2"],
          ["## Serving (`python -m bench.serve", "| FastAPI + ORT, 1 process |", "| FastAPI + ORT, 2 processes |",
-          "| digitserve | 1 |", "Medians: digitserve / ", "In-process ceiling", "digitserve reaches"]),
+          "| digitserve | 1 |", "Ratio of the medians: digitserve / ", "In-process ceiling", "digitserve reaches"]),
     tiny("overload", ["--connections", "8", "--seconds", "1", "--unloaded-connections", "2", "--no-backoff"],
          ["## Overload (`python -m bench.overload", "| connections | answered/s | accepted/s", "| 8 |",
           "Accepted throughput as a share of the unloaded run's (2 connections"]),

@@ -16,6 +16,7 @@ from PIL import Image
 
 from bench.harness import png, png_chunk
 from serving import inference, schemas
+from serving.api import predict as api_predict
 from serving.config import Config
 from tests.helpers import digit_png, in_process, metric, offline, synthetic_svhn
 
@@ -229,6 +230,11 @@ def test_post_predict_takes_the_short_path_and_the_route_keeps_the_rest(client, 
     wrong = client.get("/predict")
     assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
     assert "requestBody" in client.get("/openapi.json").json()["paths"]["/predict"]["post"]
+    # What the short path assumes of the route it stands in for: served at its own path (no prefix, as the
+    # document above shows), with no dependencies, which it would not run (an API key there would go
+    # unchecked).
+    assert api_predict.ROUTE.path == "/predict" and api_predict.ROUTE.endpoint is api_predict.predict
+    assert api_predict.ROUTE.dependencies == [] and api_predict.router.dependencies == []
 
 
 def test_the_short_path_maps_errors_as_the_exception_middleware_does():
