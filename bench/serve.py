@@ -5,13 +5,15 @@ endpoint with one process and with one per core, same artifact, same machine, sa
                                     [--backend onnx|torchscript] [--device auto|cpu|cuda]
                                     [--exports DIR] [--load auto|wrk|python] [--baseline-workers 1 N]
                                     [--warmup-seconds 3] [--ceiling-seconds 5] [--rounds 1]
-                                    [-- MORE SERVER FLAGS]
+                                    [--digitserve-from CHECKOUT] [-- MORE SERVER FLAGS]
 
 Single-image PNG multipart uploads, one per request: an 8x8 digit for grayscale models, a 32x32
 RGB crop for RGB (SVHN-shaped) models. Load comes from `wrk` (Debian package) in its own process,
 or from bench/load.py (several processes) where wrk is missing. Also reports the in-process
 ceiling (decode + one-image inference on the same backend, no HTTP, one thread) times the cores,
-and digitserve's share of it. Prints a Markdown section.
+and digitserve's share of it, and each server's CPU time (all its processes, from /proc) per answer:
+the per-request cost, which `--digitserve-from` compares between two commits
+(`git worktree add /tmp/before COMMIT`). Prints a Markdown section.
 """
 import argparse
 import json
@@ -29,8 +31,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from bench.harness import (ROOT, ServerProcess, connections_by_process, free_port, multipart, run_python_load,
-                           run_wrk, upload_image)
+from bench.harness import (ROOT, ServerProcess, connections_by_process, cpu_seconds, free_port, multipart,
+                           process_tree, run_python_load, run_wrk, upload_image)
 from serving import images
 from serving.backends import BACKENDS, BackendError
 from serving import config
@@ -62,11 +64,11 @@ def wait_for(url: str, timeout: float = 60) -> None:
     raise TimeoutError(url)
 
 
-def warmed_load(load, url: str, body: Path, args, processes: int) -> dict:
+def warmed_load(load, url: str, body: Path, args, server_pid: int, processes: int) -> dict:
     """`--warmup-seconds` of load, unmeasured, then `--seconds` measured; `split`: the connections each
     of the server's `processes` held halfway through, 0 for one that held none (the kernel gives each new
     connection to whichever process accepts first, so one may get them all, and its cores' share of the
-    work with them)."""
+    work with them); `cpu_ms`: the server's CPU time (all its processes) per answer."""
     if args.warmup_seconds:
         load(url, body, args.connections, args.warmup_seconds)
     split = []
@@ -76,10 +78,14 @@ def warmed_load(load, url: str, body: Path, args, processes: int) -> dict:
         split.extend(held + [0] * (processes - len(held)))
     sampler = threading.Timer(args.seconds / 2, sample)
     sampler.start()
+    pids = process_tree(server_pid)
+    cpu_before = cpu_seconds(pids)
     try:
-        return {**load(url, body, args.connections, args.seconds), "split": split}
+        result = load(url, body, args.connections, args.seconds)
     finally:
         sampler.cancel()
+    answers = result["rps"] * args.seconds
+    return {**result, "split": split, "cpu_ms": (cpu_seconds(pids) - cpu_before) / answers * 1000 if answers else 0.0}
 
 
 def measure_baseline(command: list[str], workers: int, load, body: Path, args) -> dict:
@@ -88,17 +94,20 @@ def measure_baseline(command: list[str], workers: int, load, body: Path, args) -
     baseline = subprocess.Popen([sys.executable, "-m", *command, str(port), "--workers", str(workers)], cwd=ROOT)
     try:
         wait_for(f"http://127.0.0.1:{port}/")
-        return warmed_load(load, f"http://127.0.0.1:{port}/predict", body, args, workers)
+        return warmed_load(load, f"http://127.0.0.1:{port}/predict", body, args, baseline.pid, workers)
     finally:
         baseline.terminate()
         baseline.wait()
 
 
 def measure_digitserve(load, body: Path, args, processes: int) -> dict:
-    server = ServerProcess(args.exports, args=("--backend", args.backend, "--device", args.device, *args.server_flags))
+    code = args.digitserve_from or ROOT  # `python -m serving` imports the serving/ of its working directory
+    server = ServerProcess(args.exports, args=("--backend", args.backend, "--device", args.device, *args.server_flags),
+                           cwd=code, env={"PYTHONPATH": str(code)})
     try:
         server.wait_ready()
-        return warmed_load(load, f"{server.url}/predict?model={args.model}", body, args, processes)
+        return warmed_load(load, f"{server.url}/predict?model={args.model}", body, args, server.process.pid,
+                           processes)
     finally:
         server.stop()
 
@@ -118,6 +127,8 @@ def main() -> None:
     parser.add_argument("--warmup-seconds", type=int, default=3, help="load before each measured run (0: none)")
     parser.add_argument("--ceiling-seconds", type=float, default=5.0, help="length of the in-process measurement")
     parser.add_argument("--rounds", type=integer(1), default=1, help="every server measured this many times, alternating")
+    parser.add_argument("--digitserve-from", type=Path, help="serve digitserve from this checkout instead "
+                        "(another commit's worktree: an A/B of a change against the same baseline)")
     parser.add_argument("server_flags", nargs="*", help="extra flags for python -m serving (after --)")
     args = parser.parse_args()
     folder = args.exports / args.model
@@ -149,12 +160,12 @@ def main() -> None:
           f"{baseline_device}), {args.connections} connections, {args.seconds} s each, one server at a time, "
           f"{args.rounds} round(s), load from {load.__name__} in its own process(es). Connections: how many "
           "each server process held.\n")
-    print("| server | round | req/s | p50 ms | p99 ms | non-2xx | socket errors | connections |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("| server | round | req/s | p50 ms | p99 ms | non-2xx | socket errors | connections | server CPU ms a request |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for name, results in runs.items():
         for i, r in enumerate(results, 1):
             print(f"| {name} | {i} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['non2xx']} | "
-                  f"{r['socket_errors']} | {'/'.join(map(str, r['split'])) or '?'} |")
+                  f"{r['socket_errors']} | {'/'.join(map(str, r['split'])) or '?'} | {r['cpu_ms']:.3f} |")
     median = {name: statistics.median(r["rps"] for r in results) for name, results in runs.items()}
     ours = median["digitserve"]
     per_round = {name: [d["rps"] / b["rps"] for d, b in zip(runs["digitserve"], runs[name])]
