@@ -126,7 +126,8 @@ def main() -> None:
                         help="uvicorn processes of the FastAPI baseline, one run each (default: 1 and one per core)")
     parser.add_argument("--warmup-seconds", type=int, default=3, help="load before each measured run (0: none)")
     parser.add_argument("--ceiling-seconds", type=float, default=5.0, help="length of the in-process measurement")
-    parser.add_argument("--rounds", type=integer(1), default=1, help="every server measured this many times, alternating")
+    parser.add_argument("--rounds", type=integer(1), default=1,
+                        help="every server measured this many times, alternating")
     parser.add_argument("--digitserve-from", type=Path, help="serve digitserve from this checkout instead "
                         "(another commit's worktree: an A/B of a change against the same baseline)")
     parser.add_argument("server_flags", nargs="*", help="extra flags for python -m serving (after --)")
@@ -160,8 +161,8 @@ def main() -> None:
           f"{baseline_device}), {args.connections} connections, {args.seconds} s each, one server at a time, "
           f"{args.rounds} round(s), load from {load.__name__} in its own process(es). Connections: how many "
           "each server process held.\n")
-    print("| server | round | req/s | p50 ms | p99 ms | non-2xx | socket errors | connections | server CPU ms a request |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+    print("| server | round | req/s | p50 ms | p99 ms | non-2xx | socket errors | connections "
+          "| server CPU ms a request |\n|---|---|---|---|---|---|---|---|---|")
     for name, results in runs.items():
         for i, r in enumerate(results, 1):
             print(f"| {name} | {i} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['non2xx']} | "

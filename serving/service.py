@@ -184,7 +184,8 @@ class Service:
         trace = None if self.tracing is None or background else self.tracing.current()
         log_probs, batch_images = await self.batcher.submit(items, background, trace)
         for model in {model for model, _ in items}:
-            self.metrics.child(self.metrics.images, model.name, model.version).inc(sum(1 for m, _ in items if m is model))
+            images = sum(1 for m, _ in items if m is model)
+            self.metrics.child(self.metrics.images, model.name, model.version).inc(images)
         return log_probs, batch_images
 
     # --- feedback (with --prediction-log) ---

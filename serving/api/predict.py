@@ -69,7 +69,7 @@ ROUTE = next(route for route in router.routes if route.endpoint is predict)
 class ShortPath:
     """Pure ASGI middleware, the innermost of digitserve's (inside the request ID, the metrics and the
     trace's server span): POST /predict goes straight to `predict()` with a plain Request, past
-    FastAPI's exception middleware, router, dependency solving and request handler, which took about
+    FastAPI's exception middleware, router, dependency solving and request handler, which took
     about a quarter of such a request's CPU (py-spy; bench/RESULTS.md, issue 28). FastAPI still
     documents the route from its declaration above and answers its other methods (405); errors get the
     one mapping's answers. The route must keep no `dependencies` and be included without a prefix
