@@ -200,12 +200,18 @@ def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU seconds the processes `pids` have used so far (those gone count 0)."""
     total = 0
     for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (stat's fields 14 and 15)
+        fields = stat_fields(pid)
+        if fields:
+            total += int(fields[11]) + int(fields[12])  # utime, stime (stat's fields 14 and 15)
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def stat_fields(pid: int | str) -> list[str]:
+    """/proc/PID/stat's fields after the command name (the parent's is [1]); [] once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
 
 
 def process_tree(root: int) -> list[int]:
@@ -214,13 +220,9 @@ def process_tree(root: int) -> list[int]:
     while frontier:
         parent = frontier.pop()
         for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
-                        found.append(int(entry.name))
-                        frontier.append(int(entry.name))
-                except (OSError, IndexError, ValueError):
-                    pass
+            if entry.name.isdigit() and stat_fields(entry.name)[1:2] == [str(parent)]:
+                found.append(int(entry.name))
+                frontier.append(int(entry.name))
     return found
 
 

@@ -36,7 +36,6 @@ from bench.harness import (ROOT, ServerProcess, connections_by_process, cpu_seco
 from serving import images
 from serving.backends import BACKENDS, BackendError
 from serving import config
-from serving.config import integer
 
 
 def in_process_ceiling(folder: Path, data: bytes, backend: str, device: str, seconds: float = 5.0) -> float:
@@ -126,7 +125,7 @@ def main() -> None:
                         help="uvicorn processes of the FastAPI baseline, one run each (default: 1 and one per core)")
     parser.add_argument("--warmup-seconds", type=int, default=3, help="load before each measured run (0: none)")
     parser.add_argument("--ceiling-seconds", type=float, default=5.0, help="length of the in-process measurement")
-    parser.add_argument("--rounds", type=integer(1), default=1,
+    parser.add_argument("--rounds", type=config.integer(1), default=1,
                         help="every server measured this many times, alternating")
     parser.add_argument("--digitserve-from", type=Path, help="serve digitserve from this checkout instead "
                         "(another commit's worktree: an A/B of a change against the same baseline)")

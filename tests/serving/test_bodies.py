@@ -50,8 +50,9 @@ def test_no_boundary_and_an_option_sent_as_a_file():
 # Mostly well-formed header lines (the fast split's case), sometimes not (the parser's), up to the parser's
 # limits and past them (8 lines a part, 4,224 bytes a line, a 256-byte boundary).
 NAMES = [b"Content-Disposition", b"content-type", b"X-Y"]
-PLAIN_VALUES = st.sampled_from([b' form-data; name="file"; filename="a.png"', b'form-data; name="model"', b" image/png",
-                                b"  \t v ", b""]) | st.binary(max_size=12).filter(lambda v: b"\r" not in v and b"\n" not in v)
+PLAIN_VALUES = (st.sampled_from([b' form-data; name="file"; filename="a.png"', b'form-data; name="model"',
+                                 b" image/png", b"  \t v ", b""])
+                | st.binary(max_size=12).filter(lambda v: b"\r" not in v and b"\n" not in v))
 HEADER_LINES = (st.lists(st.tuples(st.sampled_from(NAMES), PLAIN_VALUES), min_size=1, max_size=2)
                 | st.lists(st.tuples(st.sampled_from(NAMES + [b"Bad Name", b"", b"A:B", b"\xff", b" folded"]),
                                      PLAIN_VALUES | st.sampled_from([b"v" * 1100, b"v" * 4300])), max_size=10))
@@ -75,7 +76,8 @@ def test_framed_bodies_split_as_the_streaming_parser_parses_them(boundary, parts
     bodies."""
     raw = before + b"".join(b"--" + boundary + padding + newline
                             + b"".join(name + b":" + value + newline for name, value in headers)
-                            + newline + content + newline for headers, content in parts) + b"--" + boundary + b"--" + after
+                            + newline + content + newline for headers, content in parts)
+    raw += b"--" + boundary + b"--" + after
     raw = raw[:len(raw) - cut]
     framed = framed_parts(boundary, raw)
     event("fast split" if framed is not None else "parser")
