@@ -12,8 +12,8 @@ adds, none of which LitServe has a parameter for:
 - SIGTERM and SIGINT drain (the HTTP processes stop accepting and answer what they accepted), also
   when they arrive while LitServe is still forking; SIGHUP, forwarded to every HTTP process, reloads
   the exports folder;
-- the listening socket is let go of by every process but the HTTP ones, so that a connection is
-  never queued where no process reads it (it would be reset at exit: serving/sockets.py);
+- each HTTP process listens on a socket of its own, so that the kernel spreads connections over
+  them (serving/sockets.py);
 - the open-files limit is raised for --max-connections, and glibc returns freed memory.
 """
 import asyncio
@@ -35,7 +35,7 @@ from fastapi import APIRouter
 
 from serving import announcements
 from serving.config import open_files_needed
-from serving.sockets import release_listening_socket
+from serving.sockets import listen_apart
 
 log = logging.getLogger("digitserve")
 
@@ -56,10 +56,10 @@ class HttpProcesses:
     reports what it serves and how its models change (serving/announcements.py: the main process
     says each once), and reloads its models on SIGHUP (which the main process forwards to every one)."""
 
-    def __init__(self, count: int, reload, served, url: str):
+    def __init__(self, count: int, port: int, reload, served, url: str):
         self.reload = reload               # coroutine function: follow the exports folder now
         self.served = served               # function: the names this process serves now
-        self.url = url
+        self.port, self.url = port, url
         context = multiprocessing.get_context("fork")  # all shared before LitServe forks
         self.pids = context.Array("i", count)
         self.reports, self.reporter = context.Pipe(duplex=False)
@@ -71,6 +71,7 @@ class HttpProcesses:
 
     @asynccontextmanager
     async def lifespan(self, app):
+        listen_apart(self.port)  # before uvicorn listens
         with self.pids.get_lock():
             free = [i for i, pid in enumerate(self.pids) if pid == 0]
             if free:
@@ -113,26 +114,21 @@ class HttpProcesses:
     def running(self) -> list[int]:
         return [pid for pid in self.pids if pid]
 
-    def supervise(self, port: int, connections: int) -> None:
+    def supervise(self, connections: int) -> None:
         """In the main process, before LitServe's run(): the signal handlers, the fork hooks, the
         limits the children inherit, and the watch."""
-        main_pid, forking = os.getpid(), {}
+        main_pid = os.getpid()
 
         def before_fork():  # in this process, about to fork
-            forking["manager"] = any(frame.filename.endswith(os.path.join("multiprocessing", "managers.py"))
-                                     for frame in traceback.extract_stack())
+            manager = any(frame.filename.endswith(os.path.join("multiprocessing", "managers.py"))
+                          for frame in traceback.extract_stack())
             # Forking an HTTP process: LitServe has spawned its worker (which kept SIGHUP ignored), so
             # from now on SIGHUP reloads. (The queue manager is forked before the worker is spawned.)
-            if not forking["manager"] and threading.current_thread() is threading.main_thread():
+            if not manager and threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGHUP, forward_reload)
 
         def after_fork():  # in the child
             die_with_parent(main_pid)
-            if forking["manager"]:
-                # LitServe forks its queue manager after binding the port: the manager would hold the
-                # listening socket until the very end, and the kernel would keep completing connections
-                # that no process accepts, then reset them.
-                release_listening_socket(port)
 
         def stop_gracefully(signum, frame):
             """SIGTERM (docker stop, Kubernetes) and SIGINT (Ctrl-C) take LitServe's graceful path: the
@@ -146,7 +142,6 @@ class HttpProcesses:
                     self.stop_pending = True  # LitServe is still forking: interrupting it would leave debris
                     return
                 self.stopping.set()
-                release_listening_socket(port)
                 for pid in self.running():  # LitServe stops them one after another, 7 s each at worst
                     os.kill(pid, signal.SIGTERM)
                 raise KeyboardInterrupt

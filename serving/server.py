@@ -54,7 +54,7 @@ class IdleLitAPI(ls.LitAPI):
 def build(config: Config) -> tuple[ls.LitServer, Service, HttpProcesses]:
     """The LitServer with the digitserve routes; raises errors.StartupError."""
     service = Service(config)
-    processes = HttpProcesses(config.workers, lambda: service.lifecycle.reload(retry=True),
+    processes = HttpProcesses(config.workers, config.port, lambda: service.lifecycle.reload(retry=True),
                               lambda: sorted(service.catalog.served), url(config))
     service.lifecycle.announce = processes.report  # in each HTTP process: the main process says it once
     main_pid = os.getpid()
@@ -105,7 +105,7 @@ def litserve_workarounds(server: ls.LitServer) -> None:
 def run(server: ls.LitServer, service: Service, processes: HttpProcesses) -> int:
     """Serve until SIGTERM or SIGINT (exit status 0) or an HTTP process dies (1), then drain."""
     config = service.config
-    processes.supervise(config.port, config.max_connections)
+    processes.supervise(config.max_connections)
     try:
         # The keyword arguments after LitServe's own go to uvicorn: our protocol, and its connection cap.
         server.run(host=config.host, port=config.port, num_api_servers=config.workers, generate_client_file=False,

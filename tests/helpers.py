@@ -114,8 +114,8 @@ def socket_inodes(pid: int) -> set[str]:
 
 
 def server_processes(main: int) -> dict[str, list[int]]:
-    """The server's children by role: LitServe's spawned worker, the HTTP processes (forked, holding
-    the listening socket), its queue manager (forked, which lets go of it); the resource tracker aside."""
+    """The server's children by role: LitServe's spawned worker, the HTTP processes (forked, each
+    listening on the port), its queue manager (forked, listening on nothing); the resource tracker aside."""
     listening = listening_inodes()
     roles = {"worker": [], "http": [], "manager": [], "main": [main]}
     for pid in children(main):

@@ -20,12 +20,14 @@ import uvicorn
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.harness import ROOT, ServerProcess, running_server
+from bench.harness import ROOT, ServerProcess, connections_by_process, running_server
 from serving import connections
 from serving import server as digitserve_server
 from serving.config import Config
+from serving.errors import StartupError
 from serving.processes import alive
-from tests.helpers import children, server_processes
+from serving.sockets import check_can_listen
+from tests.helpers import children, listening_inodes, server_processes, socket_inodes
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,29 @@ def test_litserve_worker_holds_no_model(server):
     assert len(processes["worker"]) == 1 and len(processes["http"]) == 2, processes
     maps = Path(f"/proc/{processes['worker'][0]}/maps").read_text()
     assert "onnxruntime" not in maps and "libtorch" not in maps
+
+
+def test_each_http_process_listens_on_a_socket_of_its_own(server):
+    """The kernel spreads new connections over the HTTP processes (SO_REUSEPORT). On one shared socket,
+    uvloop's greedy accept put 31 of 32 connections opened together into one of two processes."""
+    processes = server_processes(server.process.pid)
+    listening = listening_inodes()
+    own = [socket_inodes(pid) & listening for pid in processes["http"]]
+    assert [len(sockets) for sockets in own] == [1, 1] and own[0] != own[1], own
+    assert not socket_inodes(server.process.pid) & listening  # LitServe's bound socket never listens
+    clients = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(64)]
+    try:
+        for client in clients:
+            client.sendall(b"GET /health HTTP/1.1\r\nHost: digitserve\r\n\r\n")
+        for client in clients:
+            assert client.recv(4096).startswith(b"HTTP/1.1 200")  # accepted, by one process or the other
+        held = connections_by_process(server.port)
+        assert len(held) == 2 and min(held) >= 8, held  # a fair coin gives one process 8 of 64 or fewer once in 10^8
+    finally:
+        for client in clients:
+            client.close()
+    with pytest.raises(StartupError):  # and a second server cannot join the group: the port is busy
+        check_can_listen("127.0.0.1", server.port)
 
 
 @pytest.mark.parametrize("role, expected", [
