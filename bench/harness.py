@@ -23,6 +23,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from serving.sockets import ESTABLISHED, socket_inodes, tcp_inodes
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -230,39 +232,9 @@ def connections_by_process(port: int) -> list[int]:
     """How many established TCP connections each process holding one has accepted on local `port`
     (largest first), from /proc: several server processes sharing one listening socket each take
     what they accept, and one may take them all."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # 01: ESTABLISHED
-                inodes.add(fields[9])
-    counts = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            held = sum(1 for target in fd_targets(entry) if target.startswith("socket:[") and target[8:-1] in inodes)
-            if held:
-                counts.append(held)
-    return sorted(counts, reverse=True)
-
-
-def fd_targets(process: Path) -> list[str]:
-    """What a /proc process's file descriptors point at ("socket:[INODE]", paths); those that close
-    meanwhile (the listing's own, in the calling process) are left out."""
-    targets = []
-    try:
-        fds = list((process / "fd").iterdir())
-    except OSError:  # gone, or not ours to read
-        return targets
-    for fd in fds:
-        try:
-            targets.append(os.readlink(fd))
-        except OSError:
-            pass
-    return targets
+    inodes = tcp_inodes(ESTABLISHED, port)
+    held = [len(socket_inodes(int(entry.name)) & inodes) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+    return sorted((count for count in held if count), reverse=True)
 
 
 class PeakRss:

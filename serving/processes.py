@@ -71,11 +71,11 @@ class HttpProcesses:
 
     @asynccontextmanager
     async def lifespan(self, app):
-        listen_apart(self.port)  # before uvicorn listens
         with self.pids.get_lock():
             free = [i for i, pid in enumerate(self.pids) if pid == 0]
             if free:
                 self.pids[free[0]] = os.getpid()
+        listen_apart(self.port, self.running())  # known to the main process first: it stops the server if this fails
         self.report({"kind": "ready", "models": self.served()})
         loop, reloads = asyncio.get_running_loop(), set()
 

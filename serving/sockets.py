@@ -1,14 +1,17 @@
 """The port: is it free before anything loads, and a listening socket of its own for each HTTP process."""
 import os
 import socket
+from pathlib import Path
 
 from serving.errors import StartupError
 
+LISTEN, ESTABLISHED = "0A", "01"  # TCP states as /proc/net/tcp writes them
 
-def listen_apart(port: int) -> None:
+
+def listen_apart(port: int, server_pids: list[int]) -> None:
     """In an HTTP process, before uvicorn listens: turn the socket LitServe handed it into one of this
     process's own, in a SO_REUSEPORT group on the port (Linux), so that the kernel spreads new
-    connections over the HTTP processes.
+    connections over the HTTP processes. `server_pids`: this server's HTTP processes known so far.
 
     LitServe (checked against 0.2.19) binds one socket in the main process, and every HTTP process
     listened on a copy of it. uvloop accepts every waiting connection each time it wakes, so
@@ -21,28 +24,63 @@ def listen_apart(port: int) -> None:
     sockets it was given, so pointing the shared socket's descriptor at a new socket here makes
     uvicorn listen on the new one. The shared socket itself then never listens: no connection is
     queued where no process accepts. A process that stops closes its own queue, and a connection the
-    kernel completed in that instant is reset, as it was at the last close of the shared socket."""
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if not server_socket(fd, port):
+    kernel completed in that instant is reset, as it was at the last close of the shared socket.
+
+    SO_REUSEPORT would also let another program of the same user listen on the port beside this
+    server and take a share of its connections. check_can_listen refuses to start while another
+    program listens there; here a listener that is not this server's own is refused too (a second
+    server that started in the same seconds)."""
+    shared = next((int(name) for name in os.listdir("/proc/self/fd") if server_socket(int(name), port)), None)
+    if shared is None:
+        raise RuntimeError(f"no socket bound to port {port} in this HTTP process: LitServe no longer binds it as "
+                           "serving/sockets.py expects")
+    if tcp_inodes(LISTEN, port) - set().union(*map(socket_inodes, server_pids)):
+        raise StartupError(f"another program listens on port {port} (is another server there? choose another --port)")
+    with socket.socket(fileno=os.dup(shared)) as bound, socket.socket(bound.family, socket.SOCK_STREAM) as own:
+        own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if bound.family == socket.AF_INET6:  # "::" takes IPv4 too, or not, as the shared one
+            own.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY,
+                           bound.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+        own.bind(bound.getsockname())
+        os.dup2(own.fileno(), shared)
+
+
+def tcp_inodes(state: str, port: int | None = None) -> set[str]:
+    """The inodes of this network namespace's TCP sockets in `state` (on local `port`, or any)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:  # no IPv6
             continue
-        with socket.socket(fileno=os.dup(fd)) as shared, socket.socket(shared.family, socket.SOCK_STREAM) as own:
-            shared.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # every socket bound to the port needs it
-            own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-            own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if shared.family == socket.AF_INET6:  # "::" takes IPv4 too, or not, as the shared one
-                v6only = shared.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
-                own.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
-            own.bind(shared.getsockname())
-            os.dup2(own.fileno(), fd)
-        return
-    raise RuntimeError(f"no socket bound to port {port} in this HTTP process: LitServe no longer binds it as "
-                       "serving/sockets.py expects")
+        for row in rows:
+            fields = row.split()
+            if fields[3] == state and (port is None or int(fields[1].rsplit(":", 1)[1], 16) == port):
+                inodes.add(fields[9])
+    return inodes
+
+
+def socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets process `pid` holds (none once it is gone, or not ours to read)."""
+    inodes = set()
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return inodes
+    for fd in fds:
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
 
 
 def server_socket(fd: int, port: int) -> bool:
-    """`fd` is a socket bound to `port` and connected to nobody: the one LitServe bound, not an accepted
-    connection."""
+    """`fd` is a socket bound to `port`, neither listening nor connected: the one LitServe bound, not an
+    accepted connection."""
     try:
         copy = os.dup(fd)
     except OSError:
@@ -56,6 +94,8 @@ def server_socket(fd: int, port: int) -> bool:
         try:
             bound = candidate.getsockname()
         except OSError:
+            return False
+        if candidate.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             return False
         try:
             candidate.getpeername()

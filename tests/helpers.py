@@ -15,6 +15,7 @@ from bench.harness import png
 from serving import api
 from serving.config import Config
 from serving.service import Service
+from serving.sockets import LISTEN, socket_inodes, tcp_inodes
 
 # The SVHN export contract: RGB uint8 crops as the service receives them.
 SVHN_INPUT = {"name": "pixels", "shape": [None, 3, 32, 32], "dtype": "uint8", "range": [0, 255],
@@ -91,32 +92,10 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def listening_inodes() -> set[str]:
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A":  # LISTEN
-                inodes.add(fields[9])
-    return inodes
-
-
-def socket_inodes(pid: int) -> set[str]:
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue  # closed meanwhile
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    return inodes
-
-
 def server_processes(main: int) -> dict[str, list[int]]:
     """The server's children by role: LitServe's spawned worker, the HTTP processes (forked, each
     listening on the port), its queue manager (forked, listening on nothing); the resource tracker aside."""
-    listening = listening_inodes()
+    listening = tcp_inodes(LISTEN)
     roles = {"worker": [], "http": [], "manager": [], "main": [main]}
     for pid in children(main):
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()

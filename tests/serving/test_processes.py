@@ -26,8 +26,8 @@ from serving import server as digitserve_server
 from serving.config import Config
 from serving.errors import StartupError
 from serving.processes import alive
-from serving.sockets import check_can_listen
-from tests.helpers import children, listening_inodes, server_processes, socket_inodes
+from serving.sockets import LISTEN, check_can_listen, socket_inodes, tcp_inodes
+from tests.helpers import children, server_processes
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_each_http_process_listens_on_a_socket_of_its_own(server):
     """The kernel spreads new connections over the HTTP processes (SO_REUSEPORT). On one shared socket,
     uvloop's greedy accept put 31 of 32 connections opened together into one of two processes."""
     processes = server_processes(server.process.pid)
-    listening = listening_inodes()
+    listening = tcp_inodes(LISTEN)
     own = [socket_inodes(pid) & listening for pid in processes["http"]]
     assert [len(sockets) for sockets in own] == [1, 1] and own[0] != own[1], own
     assert not socket_inodes(server.process.pid) & listening  # LitServe's bound socket never listens
