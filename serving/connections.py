@@ -76,6 +76,43 @@ class Door(Protocol):
     retry_after: float  # seconds: what a refusal asks the client to wait
 
 
+class HeadWithBody:
+    """A request's transport as its RequestResponseCycle sees it: the head uvicorn writes at
+    `http.response.start` is held until the body's first write, so that an answer leaves in one write,
+    not two (two system calls, and two TCP segments for the client to wake up for). A head still held
+    when the loop iteration ends (a HEAD request, a stream whose first part is not ready) is written
+    then, and before any close."""
+
+    __slots__ = ("transport", "cycle", "loop", "head", "head_seen", "flush")
+
+    def __init__(self, transport, cycle, loop):
+        self.transport, self.cycle, self.loop = transport, cycle, loop
+        self.head, self.head_seen, self.flush = None, False, None
+
+    def write(self, data: bytes) -> None:
+        if self.head is not None:  # the body, after the head
+            data, self.head = self.head + data, None
+            self.flush.cancel()
+        elif not self.head_seen and self.cycle.response_started:  # the head (a 100 Continue comes before)
+            self.head, self.head_seen = data, True
+            self.flush = self.loop.call_soon(self.write_head)
+            return
+        self.transport.write(data)
+
+    def write_head(self) -> None:
+        if self.head is not None:
+            data, self.head = self.head, None
+            self.flush.cancel()
+            self.transport.write(data)
+
+    def close(self) -> None:
+        self.write_head()
+        self.transport.close()
+
+    def __getattr__(self, name):  # is_closing, get_extra_info, ...: the transport's own
+        return getattr(self.transport, name)
+
+
 def guarded_protocol(limits: Config, refused_counter, door: Door) -> type:
     """The protocol class, with the server's limits (read_timeout, send_timeout, max_url_bytes,
     max_header_count, max_header_bytes). `refused_counter`: a prometheus Counter labelled by reason."""
@@ -168,7 +205,10 @@ def guarded_protocol(limits: Config, refused_counter, door: Door) -> type:
                 self.shedding = True  # no ASGI task: the body is read and dropped, then the refusal written
                 return
             self.refused_last = False  # a proxy's connection carries many clients: one answered resets it
+            previous = self.cycle
             super().on_headers_complete()
+            if self.cycle is not previous:  # a request for the application: its answer leaves in one write
+                self.cycle.transport = HeadWithBody(self.transport, self.cycle, self.loop)
             if self.stopping and self.cycle is not None:
                 self.cycle.keep_alive = False  # the last request on this connection
 
