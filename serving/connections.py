@@ -103,7 +103,8 @@ class HeadWithBody:
         if self.head is not None:
             data, self.head = self.head, None
             self.flush.cancel()
-            self.transport.write(data)
+            if not self.transport.is_closing():  # the client hung up meanwhile: no answer to finish
+                self.transport.write(data)
 
     def close(self) -> None:
         self.write_head()

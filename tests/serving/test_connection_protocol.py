@@ -5,13 +5,14 @@ import asyncio
 import json
 import re
 import tracemalloc
+import types
 
 import pytest
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from serving.config import Config as Settings
-from serving.connections import guarded_protocol
+from serving.connections import HeadWithBody, guarded_protocol
 
 LIMITS = Settings(read_timeout=5, send_timeout=5, max_url_bytes=256, max_header_count=8, max_header_bytes=1024)
 
@@ -176,6 +177,19 @@ def test_a_stream_whose_first_part_is_late_gets_its_head_at_once():
     head, *parts = transport.writes  # held until the part, the head would have left with it
     assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n") and b"late" not in head
     assert b"".join(parts) == b"4\r\nlate\r\n0\r\n\r\n"
+
+
+def test_a_head_held_when_the_connection_closes_is_dropped_not_written_after():
+    async def run():
+        loop, errors, transport = asyncio.get_running_loop(), [], Transport()
+        loop.set_exception_handler(lambda loop, context: errors.append(context))
+        writer = HeadWithBody(transport, types.SimpleNamespace(response_started=True), loop)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+        transport.close()  # the client hung up within the same loop iteration
+        await asyncio.sleep(0.01)
+        return transport, errors
+    transport, errors = asyncio.run(run())
+    assert transport.writes == [] and errors == []
 
 
 def test_a_full_process_refuses_inference_at_the_door_and_keeps_the_connection():
