@@ -76,41 +76,6 @@ class Door(Protocol):
     retry_after: float  # seconds: what a refusal asks the client to wait
 
 
-class HeadWithBody:
-    """A request's transport as its RequestResponseCycle sees it: the head uvicorn writes at
-    `http.response.start` is held until the body's first write when a body of a declared length
-    follows, so that such an answer leaves in one write, not two (two system calls, and two TCP
-    segments for the client to wake up for). Streams (chunked), HEAD requests and empty bodies get
-    their head at once; a close writes a head still held first. No timer or callback: uvloop's
-    call_soon per answer put about 20 us on each answer's latency."""
-
-    __slots__ = ("transport", "cycle", "head", "head_seen")
-
-    def __init__(self, transport, cycle):
-        self.transport, self.cycle = transport, cycle
-        self.head, self.head_seen = None, False
-
-    def write(self, data: bytes) -> None:
-        if self.head is not None:  # the body, after the head
-            data, self.head = self.head + data, None
-        elif not self.head_seen and self.cycle.response_started:  # the head (a 100 Continue comes before)
-            self.head_seen = True
-            cycle = self.cycle
-            if cycle.expected_content_length and not cycle.chunked_encoding and cycle.scope["method"] != "HEAD":
-                self.head = data
-                return
-        self.transport.write(data)
-
-    def close(self) -> None:
-        if self.head is not None and not self.transport.is_closing():  # the application ended without its body
-            self.transport.write(self.head)
-        self.head = None
-        self.transport.close()
-
-    def __getattr__(self, name):  # is_closing, get_extra_info, ...: the transport's own
-        return getattr(self.transport, name)
-
-
 def guarded_protocol(limits: Config, refused_counter, door: Door) -> type:
     """The protocol class, with the server's limits (read_timeout, send_timeout, max_url_bytes,
     max_header_count, max_header_bytes). `refused_counter`: a prometheus Counter labelled by reason."""
@@ -203,10 +168,7 @@ def guarded_protocol(limits: Config, refused_counter, door: Door) -> type:
                 self.shedding = True  # no ASGI task: the body is read and dropped, then the refusal written
                 return
             self.refused_last = False  # a proxy's connection carries many clients: one answered resets it
-            previous = self.cycle
             super().on_headers_complete()
-            if self.cycle is not previous:  # a request for the application: its answer leaves in one write
-                self.cycle.transport = HeadWithBody(self.transport, self.cycle)
             if self.stopping and self.cycle is not None:
                 self.cycle.keep_alive = False  # the last request on this connection
 

@@ -5,14 +5,13 @@ import asyncio
 import json
 import re
 import tracemalloc
-import types
 
 import pytest
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from serving.config import Config as Settings
-from serving.connections import HeadWithBody, guarded_protocol
+from serving.connections import guarded_protocol
 
 LIMITS = Settings(read_timeout=5, send_timeout=5, max_url_bytes=256, max_header_count=8, max_header_bytes=1024)
 
@@ -20,12 +19,10 @@ LIMITS = Settings(read_timeout=5, send_timeout=5, max_url_bytes=256, max_header_
 class Transport(asyncio.Transport):
     def __init__(self):
         super().__init__()
-        self.written, self.writes, self.closed, self.half_closed = b"", [], False, False
+        self.written, self.closed, self.half_closed = b"", False, False
 
     def write(self, data):
-        assert not self.closed, "written after close"
         self.written += data
-        self.writes.append(data)
 
     def close(self):
         self.closed = True
@@ -85,21 +82,17 @@ class Door:
                 + b"\r\n" + (b"" if keep_alive else b"connection: close\r\n") + b"\r\n")
 
 
-async def answer_ok(scope, receive, send):
-    message = await receive()
-    while message.get("more_body"):
-        message = await receive()
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-    await send({"type": "http.response.body", "body": b"ok"})
-
-
-def exchange(*chunks: bytes, full: bool = False, application=answer_ok) -> tuple[Transport, list, Counter, Door]:
+def exchange(*chunks: bytes, full: bool = False) -> tuple[Transport, list, Counter, Door]:
     """Feed `chunks` to one connection; what was written, what reached the application, what was counted."""
     seen = []
 
     async def app(scope, receive, send):
         seen.append(scope["path"])
-        await application(scope, receive, send)
+        message = await receive()
+        while message.get("more_body"):
+            message = await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
 
     async def run():
         config = Config(app, log_level="warning")
@@ -139,63 +132,6 @@ def test_a_head_over_its_limits_is_answered_by_the_protocol_and_half_closed(chun
 def test_heads_within_the_limits_reach_the_application():
     transport, seen, counter, _ = exchange(b"GET /health HTTP/1.1\r\n" + b"a: b\r\n" * 8 + b"\r\n")
     assert seen == ["/health"] and transport.written.startswith(b"HTTP/1.1 200") and counter.counts == {}
-
-
-def test_an_answer_leaves_in_one_write():
-    """uvicorn writes the head at http.response.start and the body apart: two system calls and two TCP
-    segments an answer, each of which the client wakes up for."""
-    transport, *_ = exchange(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 2)  # and the next on the connection
-    assert len(transport.writes) == 2 and all(w.startswith(b"HTTP/1.1 200") and w.endswith(b"ok")
-                                              for w in transport.writes), transport.writes
-
-
-def test_a_head_request_gets_its_head_though_no_body_is_written():
-    transport, *_ = exchange(b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert len(transport.writes) == 1 and transport.written.startswith(b"HTTP/1.1 200")
-    assert transport.written.endswith(b"\r\n\r\n") and transport.open_at_end
-
-
-def test_a_head_without_keep_alive_is_written_before_the_close():
-    transport, *_ = exchange(b"HEAD /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    assert transport.written.startswith(b"HTTP/1.1 200") and transport.closed  # Transport refuses writes after close
-
-
-def test_100_continue_is_not_held_back_with_the_head():
-    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
-    transport, *_ = exchange(head, b"{}")
-    assert transport.writes[0] == b"HTTP/1.1 100 Continue\r\n\r\n" and transport.writes[1].startswith(b"HTTP/1.1 200")
-
-
-def test_a_stream_whose_first_part_is_late_gets_its_head_at_once():
-    async def stream(scope, receive, send):
-        await receive()
-        await send({"type": "http.response.start", "status": 200, "headers": []})  # chunked
-        await asyncio.sleep(0.005)
-        await send({"type": "http.response.body", "body": b"late", "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
-    transport, *_ = exchange(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n", application=stream)
-    head, *parts = transport.writes  # held until the part, the head would have left with it
-    assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n") and b"late" not in head
-    assert b"".join(parts) == b"4\r\nlate\r\n0\r\n\r\n"
-
-
-def test_an_application_that_ends_without_its_body_still_gets_its_head_written_before_the_close():
-    async def no_body(scope, receive, send):
-        await receive()
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-    transport, *_ = exchange(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", application=no_body)
-    assert transport.written.startswith(b"HTTP/1.1 200") and transport.closed  # uvicorn closes: no body came
-
-
-def test_a_head_held_when_the_client_has_gone_is_dropped_not_written_after_the_close():
-    transport = Transport()
-    cycle = types.SimpleNamespace(response_started=True, expected_content_length=2, chunked_encoding=False,
-                                  scope={"method": "GET"})
-    writer = HeadWithBody(transport, cycle)
-    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
-    transport.close()  # the client hung up; uvicorn's cycle then closes its transport too
-    writer.close()  # Transport refuses writes after close
-    assert transport.writes == []
 
 
 def test_a_full_process_refuses_inference_at_the_door_and_keeps_the_connection():
