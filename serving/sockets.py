@@ -1,6 +1,7 @@
 """The port: is it free before anything loads, and a listening socket of its own for each HTTP process."""
 import os
 import socket
+import struct
 from pathlib import Path
 
 from serving.errors import StartupError
@@ -34,9 +35,11 @@ def listen_apart(port: int, server_pids: list[int]) -> None:
     if shared is None:
         raise RuntimeError(f"no socket bound to port {port} in this HTTP process: LitServe no longer binds it as "
                            "serving/sockets.py expects")
-    if tcp_inodes(LISTEN, port) - set().union(*map(socket_inodes, server_pids)):
-        raise StartupError(f"another program listens on port {port} (is another server there? choose another --port)")
     with socket.socket(fileno=os.dup(shared)) as bound, socket.socket(bound.family, socket.SOCK_STREAM) as own:
+        # Only a listener on this very address would share the group (another address is another socket's).
+        if tcp_inodes(LISTEN, local=proc_address(bound.getsockname())) - set().union(*map(socket_inodes, server_pids)):
+            raise StartupError(f"another program listens on port {port} (is another server there? choose another "
+                               "--port)")
         own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
         own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if bound.family == socket.AF_INET6:  # "::" takes IPv4 too, or not, as the shared one
@@ -46,8 +49,9 @@ def listen_apart(port: int, server_pids: list[int]) -> None:
         os.dup2(own.fileno(), shared)
 
 
-def tcp_inodes(state: str, port: int | None = None) -> set[str]:
-    """The inodes of this network namespace's TCP sockets in `state` (on local `port`, or any)."""
+def tcp_inodes(state: str, port: int | None = None, local: str | None = None) -> set[str]:
+    """The inodes of this network namespace's TCP sockets in `state`: on local `port`, or at the local
+    address `local` (as proc_address writes it), or all."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -56,9 +60,19 @@ def tcp_inodes(state: str, port: int | None = None) -> set[str]:
             continue
         for row in rows:
             fields = row.split()
-            if fields[3] == state and (port is None or int(fields[1].rsplit(":", 1)[1], 16) == port):
+            if (fields[3] == state and (port is None or int(fields[1].rsplit(":", 1)[1], 16) == port)
+                    and (local is None or fields[1] == local)):
                 inodes.add(fields[9])
     return inodes
+
+
+def proc_address(address: tuple) -> str:
+    """A socket's address as /proc/net/tcp and tcp6 write a local one: each 32-bit word of the IP
+    address in hex, in the machine's byte order, then the port in hex."""
+    host, port = address[0], address[1]
+    packed = socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    words = struct.unpack(f"={len(packed) // 4}I", packed)
+    return "".join(f"{word:08X}" for word in words) + f":{port:04X}"
 
 
 def socket_inodes(pid: int) -> set[str]:

@@ -17,11 +17,11 @@ def bound_as_litserve_binds(port: int) -> socket.socket:
     return shared
 
 
-def reuseport_listener(port: int) -> socket.socket:
+def reuseport_listener(port: int, host: str = "127.0.0.1") -> socket.socket:
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    listener.bind(("127.0.0.1", port))
+    listener.bind((host, port))
     listener.listen()
     return listener
 
@@ -62,6 +62,15 @@ def test_a_listener_that_is_not_the_servers_own_is_refused():
             listen_apart(port, [])  # the listener above belongs to no process of this server
         assert socket_inodes(os.getpid()) == before  # nothing swapped
         assert shared.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
+
+
+def test_a_listener_on_another_address_of_the_port_is_left_alone():
+    """127.0.0.2:PORT is another socket's business (Linux routes all of 127/8 to loopback): it shares
+    no group with 127.0.0.1:PORT, and the bind checks let both be."""
+    port = free_port()
+    with bound_as_litserve_binds(port) as shared, reuseport_listener(port, "127.0.0.2"):
+        listen_apart(port, [])
+        assert shared.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
 
 
 def test_a_process_without_the_shared_socket_says_what_changed():
