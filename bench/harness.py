@@ -230,8 +230,9 @@ def process_tree(root: int) -> list[int]:
 
 def connections_by_process(port: int) -> list[int]:
     """How many established TCP connections each process holding one has accepted on local `port`
-    (largest first), from /proc: several server processes sharing one listening socket each take
-    what they accept, and one may take them all."""
+    (largest first), from /proc: how a server's processes split their connections (uvicorn's
+    processes share one listening socket, and one may take them all; digitserve's each listen on
+    their own, and the kernel picks one for each connection)."""
     inodes = tcp_inodes(ESTABLISHED, port)
     held = [len(socket_inodes(int(entry.name)) & inodes) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
     return sorted((count for count in held if count), reverse=True)

@@ -188,12 +188,13 @@ class HttpProcesses:
                     if self.stop_pending:
                         os.kill(os.getpid(), signal.SIGTERM)
                 dead = [pid for pid in self.running() if not alive(pid)]
-                if dead and not self.stopping.is_set():
+                if dead and not self.failed.is_set() and not self.stopping.is_set():  # not those a stop ends
                     log.error("HTTP process %s died and LitServe does not replace it: stopping the server (exit 1) "
                               "so that its supervisor restarts it", dead[0])
                     self.failed.set()
-                    os.kill(os.getpid(), signal.SIGTERM)  # the graceful path: the other processes drain
-                    return
+                    # The graceful path: the other processes drain. Before every HTTP process is up the
+                    # stop waits for them (stop_pending), and this loop goes on to deliver it.
+                    os.kill(os.getpid(), signal.SIGTERM)
         threading.Thread(target=loop, name="http-process-watch", daemon=True).start()
 
 

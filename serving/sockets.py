@@ -24,28 +24,35 @@ def listen_apart(port: int, server_pids: list[int]) -> None:
     uvicorn (checked against 0.54.0) starts the application's lifespan before it listens on the
     sockets it was given, so pointing the shared socket's descriptor at a new socket here makes
     uvicorn listen on the new one. The shared socket itself then never listens: no connection is
-    queued where no process accepts. A process that stops closes its own queue, and a connection the
-    kernel completed in that instant is reset, as it was at the last close of the shared socket.
+    queued where no process accepts. A process that stops closes its own queue: a connection the
+    kernel completed there in that instant is reset, even while other HTTP processes still listen
+    (they all stop together; Linux's net.ipv4.tcp_migrate_req would hand such connections on).
 
     SO_REUSEPORT would also let another program of the same user listen on the port beside this
     server and take a share of its connections. check_can_listen refuses to start while another
-    program listens there; here a listener that is not this server's own is refused too (a second
-    server that started in the same seconds)."""
+    program listens there; here, a listener on this address that is not this server's own, or on
+    any address of the port where this server listens on all of them, is refused too (a second
+    server that started in the same seconds). This socket listens before it looks, so that of two
+    servers that look at once, each sees the other."""
     shared = next((int(name) for name in os.listdir("/proc/self/fd") if server_socket(int(name), port)), None)
     if shared is None:
         raise RuntimeError(f"no socket bound to port {port} in this HTTP process: LitServe no longer binds it as "
                            "serving/sockets.py expects")
     with socket.socket(fileno=os.dup(shared)) as bound, socket.socket(bound.family, socket.SOCK_STREAM) as own:
-        # Only a listener on this very address would share the group (another address is another socket's).
-        if tcp_inodes(LISTEN, local=proc_address(bound.getsockname())) - set().union(*map(socket_inodes, server_pids)):
-            raise StartupError(f"another program listens on port {port} (is another server there? choose another "
-                               "--port)")
         own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
         own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if bound.family == socket.AF_INET6:  # "::" takes IPv4 too, or not, as the shared one
             own.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY,
                            bound.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
         own.bind(bound.getsockname())
+        own.listen()  # uvicorn listens again, with its backlog
+        host = bound.getsockname()[0]
+        # A listener on another address takes only that address's connections, unless this one is a wildcard.
+        listening = tcp_inodes(LISTEN, port) if host in ("0.0.0.0", "::") else tcp_inodes(
+            LISTEN, local=proc_address(bound.getsockname()))
+        if listening - set().union(*map(socket_inodes, server_pids)):
+            raise StartupError(f"another program listens on port {port} (is another server there? choose another "
+                               "--port)")
         os.dup2(own.fileno(), shared)
 
 
@@ -109,7 +116,7 @@ def server_socket(fd: int, port: int) -> bool:
             bound = candidate.getsockname()
         except OSError:
             return False
-        if candidate.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        if candidate.type != socket.SOCK_STREAM or candidate.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             return False
         try:
             candidate.getpeername()

@@ -2,8 +2,8 @@
 in-process for route tests, stub models for routing, the real server's processes by role, tampered
 exports, and a tiny SVHN-shaped export for 32x32 tests (the one helper that trains: torch)."""
 import json
-import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -92,18 +92,24 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def server_processes(main: int) -> dict[str, list[int]]:
+def server_processes(main: int, http_processes: int) -> dict[str, list[int]]:
     """The server's children by role: LitServe's spawned worker, the HTTP processes (forked, each
-    listening on the port), its queue manager (forked, listening on nothing); the resource tracker aside."""
-    listening = tcp_inodes(LISTEN)
-    roles = {"worker": [], "http": [], "manager": [], "main": [main]}
-    for pid in children(main):
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        if b"spawn_main" in cmdline:
-            roles["worker"].append(pid)
-        elif b"resource_tracker" not in cmdline:
-            roles["http" if socket_inodes(pid) & listening else "manager"].append(pid)
-    return roles
+    listening on the port), its queue manager (forked, listening on nothing); the resource tracker
+    aside. Waits up to 10 s for `http_processes` to listen: each listens once its own models are
+    loaded, and /ready answers as soon as one does."""
+    deadline = time.monotonic() + 10
+    while True:
+        listening = tcp_inodes(LISTEN)
+        roles = {"worker": [], "http": [], "manager": [], "main": [main]}
+        for pid in children(main):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"spawn_main" in cmdline:
+                roles["worker"].append(pid)
+            elif b"resource_tracker" not in cmdline:
+                roles["http" if socket_inodes(pid) & listening else "manager"].append(pid)
+        if len(roles["http"]) >= http_processes or time.monotonic() > deadline:
+            return roles
+        time.sleep(0.05)
 
 
 # --- exports changed after they were made ---
