@@ -75,7 +75,7 @@ class HttpProcesses:
             free = [i for i, pid in enumerate(self.pids) if pid == 0]
             if free:
                 self.pids[free[0]] = os.getpid()
-        listen_apart(self.port, self.running())  # known to the main process first: it stops the server if this fails
+        listen_apart(self.port, self.running)  # known to the main process first: it stops the server if this fails
         self.report({"kind": "ready", "models": self.served()})
         loop, reloads = asyncio.get_running_loop(), set()
 

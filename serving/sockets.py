@@ -2,6 +2,7 @@
 import os
 import socket
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 from serving.errors import StartupError
@@ -9,10 +10,10 @@ from serving.errors import StartupError
 LISTEN, ESTABLISHED = "0A", "01"  # TCP states as /proc/net/tcp writes them
 
 
-def listen_apart(port: int, server_pids: list[int]) -> None:
+def listen_apart(port: int, server_pids: Callable[[], list[int]]) -> None:
     """In an HTTP process, before uvicorn listens: turn the socket LitServe handed it into one of this
     process's own, in a SO_REUSEPORT group on the port (Linux), so that the kernel spreads new
-    connections over the HTTP processes. `server_pids`: this server's HTTP processes known so far.
+    connections over the HTTP processes. `server_pids()`: this server's HTTP processes known so far.
 
     LitServe (checked against 0.2.19) binds one socket in the main process, and every HTTP process
     listened on a copy of it. uvloop accepts every waiting connection each time it wakes, so
@@ -50,7 +51,8 @@ def listen_apart(port: int, server_pids: list[int]) -> None:
         # A listener on another address takes only that address's connections, unless this one is a wildcard.
         listening = tcp_inodes(LISTEN, port) if host in ("0.0.0.0", "::") else tcp_inodes(
             LISTEN, local=proc_address(bound.getsockname()))
-        if listening - set().union(*map(socket_inodes, server_pids)):
+        # Read after the listeners: a sibling registers its pid before it listens, so each one seen is known.
+        if listening - set().union(*map(socket_inodes, server_pids())):
             raise StartupError(f"another program listens on port {port} (is another server there? choose another "
                                "--port)")
         os.dup2(own.fileno(), shared)

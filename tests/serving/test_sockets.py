@@ -33,7 +33,7 @@ def test_the_shared_socket_becomes_one_of_the_processes_own_beside_its_siblings(
     port = free_port()
     with bound_as_litserve_binds(port) as shared, reuseport_listener(port) as sibling:
         before = socket_inodes(os.getpid())
-        listen_apart(port, [os.getpid()])  # the sibling's listener is this server's own
+        listen_apart(port, lambda: [os.getpid()])  # the sibling's listener is this server's own
         assert shared.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
         shared.listen()  # as uvicorn then does, on the descriptor it was handed
         assert socket_inodes(os.getpid()) != before
@@ -83,7 +83,7 @@ def test_a_listener_that_is_not_the_servers_own_is_refused(server_host, other_ho
     with bound_as_litserve_binds(port, server_host) as shared, listener_elsewhere(port, other_host):
         before = socket_inodes(os.getpid())
         with pytest.raises(StartupError, match=f"another program listens on port {port}"):
-            listen_apart(port, [os.getpid()])
+            listen_apart(port, lambda: [os.getpid()])
         assert socket_inodes(os.getpid()) == before  # nothing swapped, nothing left listening
         assert shared.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
 
@@ -93,7 +93,7 @@ def test_a_listener_on_another_address_of_the_port_is_left_alone():
     no group with 127.0.0.1:PORT and takes none of its connections."""
     port = free_port()
     with bound_as_litserve_binds(port) as shared, listener_elsewhere(port, "127.0.0.2"):
-        listen_apart(port, [os.getpid()])
+        listen_apart(port, lambda: [os.getpid()])
         assert shared.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
 
 
@@ -102,10 +102,10 @@ def test_a_udp_socket_on_the_port_is_not_taken_for_litserves():
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         udp.bind(("127.0.0.1", port))  # a lower descriptor than the TCP socket's: found first
         with bound_as_litserve_binds(port) as shared:
-            listen_apart(port, [os.getpid()])
+            listen_apart(port, lambda: [os.getpid()])
             assert shared.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
 
 
 def test_a_process_without_the_shared_socket_says_what_changed():
     with pytest.raises(RuntimeError, match="LitServe no longer binds it"):
-        listen_apart(free_port(), [os.getpid()])
+        listen_apart(free_port(), lambda: [os.getpid()])
