@@ -45,12 +45,12 @@ def listen_apart(port: int, server_pids: Callable[[], list[int]]) -> None:
         if bound.family == socket.AF_INET6:  # "::" takes IPv4 too, or not, as the shared one
             own.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY,
                            bound.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
-        own.bind(bound.getsockname())
+        address = bound.getsockname()
+        own.bind(address)
         own.listen()  # uvicorn listens again, with its backlog
-        host = bound.getsockname()[0]
         # A listener on another address takes only that address's connections, unless this one is a wildcard.
-        listening = tcp_inodes(LISTEN, port) if host in ("0.0.0.0", "::") else tcp_inodes(
-            LISTEN, local=proc_address(bound.getsockname()))
+        listening = (tcp_inodes(LISTEN, port) if address[0] in ("0.0.0.0", "::")
+                     else tcp_inodes(LISTEN, local=proc_address(address)))
         # Read after the listeners: a sibling registers its pid before it listens, so each one seen is known.
         if listening - set().union(*map(socket_inodes, server_pids())):
             raise StartupError(f"another program listens on port {port} (is another server there? choose another "

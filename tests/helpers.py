@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.harness import png
+from bench.harness import png, stat_fields
 from serving import api
 from serving.config import Config
 from serving.service import Service
@@ -81,15 +81,8 @@ def stub_catalog(*models):
 # --- the real server's processes ---
 
 def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return found
+    return [int(entry.name) for entry in Path("/proc").iterdir()
+            if entry.name.isdigit() and stat_fields(entry.name)[1:2] == [str(pid)]]
 
 
 def server_processes(main: int, http_processes: int) -> dict[str, list[int]]:
